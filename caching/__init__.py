@@ -1,0 +1,1 @@
+"""Cache policies as hooks on a model. Knows nothing of solvers or training."""

@@ -1,0 +1,1 @@
+"""Training of adapters (LoRA, routers); may use samplers/ and caching/."""
