@@ -27,6 +27,9 @@ class NoiseSchedule(Protocol):
     def alpha_sigma(self, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (alpha, s) with x = alpha * x0 + s * eps at noise level `sigma`."""
 
+    def lambda_to_sigma(self, lam: torch.Tensor) -> torch.Tensor:
+        """The noise level whose log-SNR log(alpha / s) is `lam` (the inverse map)."""
+
 
 @dataclass(frozen=True)
 class FlowSchedule:
@@ -37,6 +40,10 @@ class FlowSchedule:
 
     def alpha_sigma(self, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return 1 - sigma, sigma
+
+    def lambda_to_sigma(self, lam: torch.Tensor) -> torch.Tensor:
+        """t = 1 / (1 + e^lambda); lambda = -inf gives t = 1 (pure noise)."""
+        return torch.sigmoid(-lam)
 
 
 @dataclass(frozen=True)
@@ -57,6 +64,10 @@ class VPSchedule:
     def alpha_sigma(self, sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         alpha = (1 + sigma**2).rsqrt()
         return alpha, sigma * alpha
+
+    def lambda_to_sigma(self, lam: torch.Tensor) -> torch.Tensor:
+        """sigma_ve = e^-lambda."""
+        return torch.exp(-lam)
 
     @property
     def train_sigmas(self) -> torch.Tensor:

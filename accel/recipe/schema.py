@@ -1,0 +1,109 @@
+"""The recipe schema: omegaconf structured configs, one dataclass per section.
+
+Every field is documented in docs/recipes.md, which tests/test_recipes.py checks against this
+schema. Components are chosen by name from the project's registries; a recipe never names a
+Python path, so a recipe from someone else cannot run code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+
+@dataclass
+class ModelConfig:
+    """Which model to run."""
+
+    name: str = "flux-digits"  # an embedded model name, or a local diffusers folder
+    dtype: str = "float32"  # float32 | bfloat16 | float16
+    device: str = "cpu"  # cpu | cuda | cuda:N
+
+
+@dataclass
+class SamplerConfig:
+    """The solver and its schedule."""
+
+    solver: str = "euler"  # a name from samplers.SOLVERS
+    steps: int = 8  # solver steps (NFE = steps * the solver's evaluations per step)
+    schedule: str = "flow"  # a name from samplers.SCHEDULES
+    shift: float = 1.0  # time shift of flow schedules (1 = none)
+
+
+@dataclass
+class CacheConfig:
+    """The cache policy: a named preset and its parameters, or none."""
+
+    preset: Optional[str] = None  # a name from caching's presets, or null for no cache
+    params: dict[str, Any] = field(default_factory=dict)  # the preset's parameters
+
+
+@dataclass
+class AdapterConfig:
+    """One LoRA adapter in diffusers format."""
+
+    path: str = ""  # a .safetensors file or a folder holding one
+    scale: float = 1.0  # LoRA scale
+    fuse: bool = False  # fuse into the weights before running (and before cache calibration)
+
+
+@dataclass
+class GuidanceConfig:
+    """Classifier-free guidance."""
+
+    scale: float = 4.0  # guidance scale; 1 evaluates the cond branch only
+    distilled: bool = False  # a guidance-distilled model: no uncond pass exists
+
+
+@dataclass
+class InputsConfig:
+    """What to generate: classes (or prompts) and seeds."""
+
+    classes: list[int] = field(default_factory=lambda: list(range(10)))  # class labels to generate
+    samples_per_class: int = 20  # samples per class
+    seed: int = 0  # base seed; sample i uses seed * 1_000_003 + i
+    batch_size: int = 100  # samples per model call
+    resolution: int = 16  # image side in pixels
+
+
+@dataclass
+class ReferenceConfig:
+    """The full-compute reference that quality is measured against."""
+
+    solver: str = "euler"
+    steps: int = 50
+    schedule: str = "flow"
+    shift: float = 1.0
+
+
+@dataclass
+class EvalConfig:
+    """How to measure."""
+
+    reference: ReferenceConfig = field(default_factory=ReferenceConfig)
+    metrics: list[str] = field(default_factory=lambda: ["psnr", "ssim", "fd", "accuracy"])
+    real_samples: int = 2000  # real images for the FD statistics
+    timing_batch: int = 20  # samples per timed call
+    timing_repeats: int = 3  # timed repeats after one warm-up; the median is reported
+
+
+@dataclass
+class OutputConfig:
+    """Where results go."""
+
+    dir: str = "runs"  # results are written to <dir>/<name>/ under the working directory
+
+
+@dataclass
+class Recipe:
+    """A whole stack and how to measure it."""
+
+    name: str = "embedded-demo"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    cache: CacheConfig = field(default_factory=CacheConfig)
+    adapters: list[AdapterConfig] = field(default_factory=list)
+    guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
+    inputs: InputsConfig = field(default_factory=InputsConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    output: OutputConfig = field(default_factory=OutputConfig)

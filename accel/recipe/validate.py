@@ -1,0 +1,84 @@
+"""Value checks the type system cannot express; each failure is one RecipeError line."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+import samplers
+from accel.recipe.load import RecipeError
+
+DTYPES = ("float32", "bfloat16", "float16")
+METRICS = ("psnr", "ssim", "fd", "accuracy")
+EMBEDDED_MODELS = ("flux-digits",)
+
+
+def _choice(key: str, value, allowed) -> None:
+    if value not in allowed:
+        raise RecipeError(f"{key}: {value!r} is not allowed; choose one of: {', '.join(map(str, allowed))}")
+
+
+def _at_least(key: str, value, low) -> None:
+    if value < low:
+        raise RecipeError(f"{key}: {value} must be >= {low}")
+
+
+def _check_model(model: DictConfig) -> None:
+    if model.name not in EMBEDDED_MODELS and not Path(model.name).is_dir():
+        raise RecipeError(f"model.name: {model.name!r} is neither an embedded model "
+                          f"({', '.join(EMBEDDED_MODELS)}) nor a local diffusers folder")
+    _choice("model.dtype", model.dtype, DTYPES)
+    if not (model.device == "cpu" or model.device.startswith("cuda")):
+        raise RecipeError(f"model.device: {model.device!r}; use cpu, cuda or cuda:N")
+
+
+def _check_sampling(prefix: str, section: DictConfig) -> None:
+    _choice(f"{prefix}.solver", section.solver, sorted(samplers.SOLVERS))
+    _choice(f"{prefix}.schedule", section.schedule, sorted(samplers.SCHEDULES))
+    _at_least(f"{prefix}.steps", section.steps, 1)
+    if section.shift <= 0:
+        raise RecipeError(f"{prefix}.shift: {section.shift} must be > 0")
+
+
+def _check_inputs(inputs: DictConfig) -> None:
+    if len(inputs.classes) == 0:
+        raise RecipeError("inputs.classes: give at least one class")
+    for label in inputs.classes:
+        _choice("inputs.classes[]", label, list(range(10)))
+    _at_least("inputs.samples_per_class", inputs.samples_per_class, 1)
+    _at_least("inputs.batch_size", inputs.batch_size, 1)
+    if inputs.resolution != 16:
+        raise RecipeError(f"inputs.resolution: {inputs.resolution}; the embedded model is trained at 16")
+
+
+def _check_eval(evaluation: DictConfig) -> None:
+    _check_sampling("eval.reference", evaluation.reference)
+    for metric in evaluation.metrics:
+        _choice("eval.metrics[]", metric, METRICS)
+    _at_least("eval.real_samples", evaluation.real_samples, 2)
+    _at_least("eval.timing_batch", evaluation.timing_batch, 1)
+    _at_least("eval.timing_repeats", evaluation.timing_repeats, 1)
+
+
+def _check_adapters(adapters) -> None:
+    for index, adapter in enumerate(adapters):
+        if not Path(adapter.path).exists():
+            raise RecipeError(f"adapters[{index}].path: file not found: {adapter.path!r}")
+
+
+def validate_recipe(recipe: DictConfig) -> None:
+    """Raises RecipeError for the first value outside what the project supports."""
+    if not recipe.name or "/" in recipe.name:
+        raise RecipeError(f"name: {recipe.name!r} must be a non-empty name without '/'")
+    _check_model(recipe.model)
+    _check_sampling("sampler", recipe.sampler)
+    _check_inputs(recipe.inputs)
+    _check_eval(recipe.eval)
+    _check_adapters(recipe.adapters)
+    if recipe.guidance.scale < 1.0:
+        raise RecipeError(f"guidance.scale: {recipe.guidance.scale} must be >= 1 (1 disables CFG)")
+    if recipe.guidance.distilled and recipe.guidance.scale != 1.0:
+        raise RecipeError("guidance.scale: a guidance-distilled model has no uncond pass; set guidance.scale=1")
+    if recipe.cache.preset is not None:
+        raise RecipeError(f"cache.preset: {recipe.cache.preset!r}: caching is not available yet; use null")

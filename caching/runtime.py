@@ -1,0 +1,356 @@
+"""The per-model cache runtime: reads the step context, keeps state per guidance branch, plans each call.
+
+One `CacheRuntime` exists per `apply_cache`. A hook on the model itself (`CacheModelHook`) opens a
+`CallFrame` at the start of every model call: it reads `step_context.current_step()` (never counting
+calls), finds the state of the call's guidance branch (reset when the generation or the input
+shapes change), converts the config's trajectory fractions for the run's step count, and decides
+whether the cached scope is recomputed — at once for triggers that need only the step context,
+or later, at the scope's decision point, for triggers that watch features. The scope hooks on
+blocks read the frame. When the call returns, the frame commits the decision to the branch state
+and to the statistics.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+import torch
+from diffusers.hooks import ModelHook
+from torch.utils.flop_counter import FlopCounterMode
+
+from step_context import StepContext, current_step
+
+from .calibration import Calibrator
+from .config import CacheConfig, RunSchedule
+from .stats import CacheStats, FlopTable
+
+logger = logging.getLogger("caching")
+
+
+@dataclass
+class BranchState:
+    """Everything a cache keeps for one guidance branch of one generation.
+
+    Attributes:
+        signature: shapes, dtypes and devices of the model inputs the state was built for.
+        trigger: the trigger's own state.
+        last_computed_step: step index of the latest computed evaluation, or None.
+        consecutive_cached: cached steps since the latest computed one.
+        decisions: step index -> whether stage 0 computed (later stages of a step follow it).
+        kind_last_computed: for attention scopes, step of the latest computation per kind.
+        slots: per-hook cached data (forecasters, token caches), keyed by unit name.
+        has_cache: True once a computed evaluation filled the slots.
+        last_step: the latest stage-0 step index seen (a step going backwards means a new run).
+    """
+
+    signature: tuple
+    trigger: Any
+    last_computed_step: int | None = None
+    consecutive_cached: int = 0
+    decisions: dict[int, bool] = field(default_factory=dict)
+    kind_last_computed: dict[str, int] = field(default_factory=dict)
+    slots: dict[str, Any] = field(default_factory=dict)
+    has_cache: bool = False
+    last_step: int = -1
+
+
+@dataclass
+class CallFrame:
+    """The plan of one model call, shared by the model hook and the scope hooks.
+
+    Attributes:
+        context: the published step context, or None (then everything is computed).
+        state: the branch state of this call.
+        schedule: the run's trajectory fractions as step counts.
+        signature: the input signature (shapes) of the call.
+        coordinate: the forecast coordinate of this call (step index or sigma).
+        must_compute: warm-up, cool-down, a forced refresh, an empty cache or calibration.
+        should_compute: the decision; None until a feature-watching trigger decided.
+        record: whether computed values update histories (stage 0 only).
+        measure_flops: whether this call measures per-unit FLOPs for its signature.
+        kind_compute: attention kinds recomputed in this call (attention scope).
+        scratch: tensors passed between hooks within the call (range entry inputs, probes).
+        skipped: (unit, fraction of its FLOPs skipped) for each unit not (fully) computed.
+        tokens: (tokens computed, tokens total) per token-scope module call.
+        unit_flops: FLOPs measured per unit during a measuring call.
+        overhead_flops: FLOPs of indicators (probes) measured during a measuring call.
+        total_flops: FLOPs of the whole call, when measured.
+    """
+
+    context: StepContext | None = None
+    state: BranchState | None = None
+    schedule: RunSchedule | None = None
+    signature: tuple = ()
+    coordinate: float = 0.0
+    must_compute: bool = True
+    should_compute: bool | None = True
+    record: bool = False
+    measure_flops: bool = False
+    kind_compute: dict[str, bool] = field(default_factory=dict)
+    scratch: dict[str, Any] = field(default_factory=dict)
+    skipped: list[tuple[str, float]] = field(default_factory=list)
+    tokens: list[tuple[int, int]] = field(default_factory=list)
+    unit_flops: dict[str, float] = field(default_factory=dict)
+    overhead_flops: float = 0.0
+    total_flops: float | None = None
+
+    @property
+    def is_passthrough(self) -> bool:
+        """True when no step context was published: every hook computes as if absent."""
+        return self.context is None
+
+    @property
+    def compute_now(self) -> bool:
+        """Whether the cached scope runs in this call (an undecided frame computes)."""
+        return self.should_compute is not False
+
+
+def input_signature(args: tuple, kwargs: dict) -> tuple:
+    """Shapes, dtypes and devices of the tensor arguments of a call: a change means a new state."""
+    items = list(enumerate(args)) + sorted(kwargs.items(), key=lambda item: item[0])
+    return tuple((key, tuple(v.shape), v.dtype, v.device) for key, v in items if isinstance(v, torch.Tensor))
+
+
+def iter_tensors(obj: Any, depth: int = 0) -> Iterator[torch.Tensor]:
+    """Every tensor reachable from `obj` through containers, `tensors()` methods and attributes."""
+    if depth > 6 or obj is None or isinstance(obj, (int, float, str, bool)):
+        return
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, dict):
+        for value in obj.values():
+            yield from iter_tensors(value, depth + 1)
+    elif isinstance(obj, (list, tuple)):
+        for value in obj:
+            yield from iter_tensors(value, depth + 1)
+    elif hasattr(obj, "tensors"):
+        yield from obj.tensors()
+    elif hasattr(obj, "__dict__"):
+        for value in vars(obj).values():
+            yield from iter_tensors(value, depth + 1)
+
+
+class CacheRuntime:
+    """Per-model cache state and planning; see the module docstring.
+
+    Args:
+        config: the cache policy (a private copy, since calibration writes into its trigger).
+        model_name: class name of the model, for messages.
+    """
+
+    def __init__(self, config: CacheConfig, model_name: str) -> None:
+        self.config = config
+        self.trigger = config.trigger
+        self.model_name = model_name
+        self.states: dict[str, BranchState] = {}
+        self.generation: int | None = None
+        self.frame: CallFrame | None = None
+        self.stats = CacheStats()
+        self.flop_tables: dict[tuple, FlopTable] = {}
+        self.calibrator: Calibrator | None = None
+        self.planners: list[Callable[[CallFrame], None]] = []
+        self._schedules: dict[int, RunSchedule] = {}
+        self._warned: set[str] = set()
+        if self.trigger.needs_calibration:
+            logger.warning("caching: %s has no calibrated parameters; the first generation runs in full "
+                           "to calibrate them (or call calibrate_%s beforehand)", self.trigger.name,
+                           self.trigger.name)
+            self.calibrator = Calibrator(self.trigger.name)
+
+    # ------------------------------------------------------------------ planning a call
+    def begin_call(self, args: tuple, kwargs: dict) -> CallFrame:
+        """Opens the frame of a model call (see the module docstring)."""
+        context = current_step()
+        if context is None:
+            self.warn_once("no-context", "caching: no step context is published (step_context.publish_step); "
+                           "computing every call in full")
+            self.stats.passthrough_calls += 1
+            return CallFrame()
+        self._sync_generation(context)
+        signature = input_signature(args, kwargs)
+        state = self._branch_state(context, signature)
+        frame = CallFrame(context=context, state=state, schedule=self._schedule(context.num_steps),
+                          signature=signature,
+                          coordinate=self.config.update.coordinate(context.step_index, context.sigma))
+        self._plan(frame)
+        for planner in self.planners:
+            planner(frame)
+        frame.measure_flops = (self.config.count_flops and frame.compute_now
+                               and signature not in self.flop_tables)
+        return frame
+
+    def _plan(self, frame: CallFrame) -> None:
+        context, state, schedule = frame.context, frame.state, frame.schedule
+        is_followup_stage = context.stage > 0
+        frame.record = not is_followup_stage
+        if is_followup_stage:
+            frame.should_compute = state.decisions.get(context.step_index, True)
+            frame.must_compute = frame.should_compute
+            return
+        is_warmup_phase = schedule.is_warmup_phase(context.step_index)
+        is_cooldown_phase = schedule.is_cooldown_phase(context.step_index)
+        is_forced_refresh = (schedule.max_cached_steps is not None
+                             and state.consecutive_cached >= schedule.max_cached_steps)
+        is_cache_empty = not state.has_cache
+        is_calibrating = self.calibrator is not None
+        frame.must_compute = (is_warmup_phase or is_cooldown_phase or is_forced_refresh
+                              or is_cache_empty or is_calibrating)
+        if self.trigger.signal is not None:
+            frame.should_compute = None  # decided at the scope's decision point, from features
+        elif frame.must_compute:
+            frame.should_compute = True
+        else:
+            frame.should_compute = bool(self.trigger.wants_compute(state.trigger, frame, None))
+
+    def decide(self, frame: CallFrame, signal: Any) -> bool:
+        """The decision of a feature-watching trigger, given its signal (probe or head residual)."""
+        if frame.should_compute is not None:
+            return frame.should_compute
+        if self.calibrator is not None:
+            self.calibrator.note_signal(frame, signal)
+            frame.should_compute = True
+            return True
+        wants = self.trigger.wants_compute(frame.state.trigger, frame, signal)
+        frame.should_compute = bool(frame.must_compute or wants)
+        return frame.should_compute
+
+    # ------------------------------------------------------------------ finishing a call
+    def end_call(self, frame: CallFrame, output: Any) -> None:
+        """Commits the call's decision to the branch state and records its statistics."""
+        if frame.is_passthrough:
+            return
+        computed = frame.compute_now
+        state, step = frame.state, frame.context.step_index
+        if frame.record:
+            state.decisions[step] = computed
+            if self.calibrator is None:
+                self.trigger.commit(state.trigger, frame, computed)
+            if computed:
+                state.last_computed_step, state.consecutive_cached, state.has_cache = step, 0, True
+            else:
+                state.consecutive_cached += 1
+        if self.calibrator is not None:
+            self.calibrator.note_output(frame, output)
+        if frame.measure_flops and frame.total_flops is not None:
+            self.flop_tables[frame.signature] = FlopTable(frame.total_flops, dict(frame.unit_flops),
+                                                          frame.overhead_flops)
+        self.stats.record_call(frame, computed, self.flop_tables.get(frame.signature), self.cache_bytes())
+
+    # ------------------------------------------------------------------ helpers for scope hooks
+    def run_unit(self, frame: CallFrame, unit: str, fn: Callable, *args, **kwargs) -> Any:
+        """Runs a unit's original forward, measuring its FLOPs during a measuring call."""
+        if not frame.measure_flops:
+            return fn(*args, **kwargs)
+        with FlopCounterMode(display=False) as counter:
+            output = fn(*args, **kwargs)
+        frame.unit_flops[unit] = frame.unit_flops.get(unit, 0) + counter.get_total_flops()
+        return output
+
+    def run_overhead(self, frame: CallFrame, fn: Callable, *args, **kwargs) -> Any:
+        """Runs an indicator computation (a probe), measuring its FLOPs during a measuring call."""
+        if not frame.measure_flops:
+            return fn(*args, **kwargs)
+        with FlopCounterMode(display=False) as counter:
+            output = fn(*args, **kwargs)
+        frame.overhead_flops += counter.get_total_flops()
+        return output
+
+    def slot(self, frame: CallFrame, key: str, factory: Callable[[], Any]) -> Any:
+        """The branch's cached data for `key`, created by `factory` on first use."""
+        slots = frame.state.slots
+        if key not in slots:
+            slots[key] = factory()
+        return slots[key]
+
+    def note_quantity(self, frame: CallFrame, value: torch.Tensor) -> None:
+        """Offers a freshly computed cached quantity to calibration (magnitude ratios)."""
+        if self.calibrator is not None and frame.record:
+            self.calibrator.note_quantity(frame, value)
+
+    def cache_bytes(self) -> int:
+        """Bytes of tensor storage held by all branch states (shared storages counted once)."""
+        seen: dict[int, int] = {}
+        for state in self.states.values():
+            for tensor in iter_tensors([state.trigger, state.slots]):
+                storage = tensor.untyped_storage()
+                seen[storage.data_ptr()] = storage.nbytes()
+        return sum(seen.values())
+
+    def warn_once(self, key: str, message: str, *args: Any) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            logger.warning(message, *args)
+
+    def finish_calibration(self):
+        """Fits the trigger's parameters from what calibration recorded; returns the calibration."""
+        if self.calibrator is None:
+            return None
+        calibration = self.calibrator.finish(self.trigger)
+        self.trigger.calibrate(calibration)
+        self.calibrator = None
+        logger.info("caching: calibrated %s on %s: %s", self.trigger.name, self.model_name, calibration)
+        return calibration
+
+    # ------------------------------------------------------------------ state bookkeeping
+    def _sync_generation(self, context: StepContext) -> None:
+        if context.generation == self.generation:
+            return
+        if self.calibrator is not None and self.calibrator.has_data:
+            self.finish_calibration()
+        self.states.clear()
+        self.generation = context.generation
+        self.stats.begin_run(context.generation)
+
+    def _branch_state(self, context: StepContext, signature: tuple) -> BranchState:
+        state = self.states.get(context.branch)
+        is_new_shape = state is not None and state.signature != signature
+        is_rewound = state is not None and context.stage == 0 and context.step_index < state.last_step
+        if is_rewound:
+            self.warn_once("rewound", "caching: step index went back within generation %s without a new "
+                           "generation id; resetting the cache (drivers should call new_generation())",
+                           context.generation)
+        if state is None or is_new_shape or is_rewound:
+            state = BranchState(signature=signature, trigger=self.trigger.new_state())
+            self.states[context.branch] = state
+        if context.stage == 0:
+            state.last_step = context.step_index
+        return state
+
+    def _schedule(self, num_steps: int) -> RunSchedule:
+        if num_steps not in self._schedules:
+            self._schedules[num_steps] = RunSchedule.for_steps(self.config, num_steps)
+        return self._schedules[num_steps]
+
+
+class CacheModelHook(ModelHook):
+    """Hook on the model itself: opens and closes the call frame around every forward."""
+
+    _is_stateful = True
+
+    def __init__(self, runtime: CacheRuntime) -> None:
+        super().__init__()
+        self.runtime = runtime
+
+    def new_forward(self, module: torch.nn.Module, *args, **kwargs):
+        runtime = self.runtime
+        if runtime.frame is not None:  # a nested call of the same model: not a denoising step
+            return self.fn_ref.original_forward(*args, **kwargs)
+        frame = runtime.begin_call(args, kwargs)
+        runtime.frame = frame
+        try:
+            if frame.measure_flops:
+                with FlopCounterMode(display=False) as counter:
+                    output = self.fn_ref.original_forward(*args, **kwargs)
+                frame.total_flops = counter.get_total_flops()
+            else:
+                output = self.fn_ref.original_forward(*args, **kwargs)
+        finally:
+            runtime.frame = None
+        runtime.end_call(frame, output)
+        return output
+
+    def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
+        self.runtime.states.clear()
+        return module

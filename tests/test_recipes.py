@@ -1,0 +1,53 @@
+"""Recipe validation: every bad input is one line naming the key, and exit code 2."""
+
+import pytest
+
+from accel.cli import main
+from accel.recipe import RecipeError, load_recipe
+
+
+def test_default_recipe_loads_with_typed_fields():
+    recipe = load_recipe()
+    assert recipe.name == "embedded-demo"
+    assert recipe.sampler.steps == 8 and recipe.eval.reference.steps == 50
+    assert list(recipe.inputs.classes) == list(range(10))
+
+
+def test_overrides_apply_last():
+    recipe = load_recipe(None, ["sampler.steps=12", "guidance.scale=2.5", "inputs.classes=[1,2]"])
+    assert recipe.sampler.steps == 12 and recipe.guidance.scale == 2.5
+    assert list(recipe.inputs.classes) == [1, 2]
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["sampler.stepz=3"], "unknown key 'sampler.stepz'; allowed keys here: solver, steps, schedule, shift"),
+    (["sampler.steps=abc"], "wrong type for 'sampler.steps'"),
+    (["sampler.solver=foo"], "sampler.solver: 'foo' is not allowed; choose one of: "),
+    (["sampler.steps=0"], "sampler.steps: 0 must be >= 1"),
+    (["model.dtype=float8"], "model.dtype: 'float8' is not allowed; choose one of: float32, bfloat16, float16"),
+    (["inputs.classes=[3,11]"], "inputs.classes[]: 11 is not allowed"),
+    (["eval.metrics=[psnr,lpips]"], "eval.metrics[]: 'lpips' is not allowed"),
+    (["guidance.scale=0.5"], "guidance.scale: 0.5 must be >= 1"),
+    (["adapters=[{path: /no/such.safetensors}]"], "adapters[0].path: file not found"),
+    (["steps"], "override 'steps' is not of the form key=value"),
+])
+def test_bad_recipes_raise_one_line_errors(overrides, message):
+    with pytest.raises(RecipeError) as error:
+        load_recipe(None, overrides)
+    assert message in str(error.value)
+    assert "\n" not in str(error.value)
+
+
+def test_missing_recipe_file_lists_shipped_recipes():
+    with pytest.raises(RecipeError, match="recipe file not found: nope.yaml .shipped recipes: .*embedded-demo"):
+        load_recipe("nope.yaml")
+
+
+def test_cli_exits_2_with_one_line_on_bad_input(capsys, tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("sampler:\n  solver: euler\n  colour: red\n")
+    assert main(["run", str(bad)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "accel: error: unknown key 'sampler.colour'; allowed keys here: solver, steps, schedule, shift"
+    assert main(["run", "sampler.steps=-1"]) == 2
+    assert "sampler.steps: -1 must be >= 1" in capsys.readouterr().err
