@@ -35,7 +35,7 @@ def _multistep_estimate(x0: torch.Tensor, a: Level, b: Level, history: list[tupl
     d2 = (d1_0 - d1_1) / (r0 + r1)
     phi1 = -math.expm1(-h)  # 1 - e^-h
     c1 = (1 - phi1 / h) / phi1
-    c2 = ((h - phi1) / h**2 - 0.5) / phi1
+    c2 = 2 * ((h - phi1) / h**2 - 0.5) / phi1
     return x0 + c1 * d1 - c2 * d2
 
 

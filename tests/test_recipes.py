@@ -51,3 +51,27 @@ def test_cli_exits_2_with_one_line_on_bad_input(capsys, tmp_path):
     assert err == "accel: error: unknown key 'sampler.colour'; allowed keys here: solver, steps, schedule, shift"
     assert main(["run", "sampler.steps=-1"]) == 2
     assert "sampler.steps: -1 must be >= 1" in capsys.readouterr().err
+
+
+def _schema_keys(node, prefix=""):
+    from omegaconf import DictConfig, ListConfig
+
+    for key, value in node.items_ex(resolve=False) if isinstance(node, DictConfig) else []:
+        path = f"{prefix}{key}"
+        yield path
+        if isinstance(value, DictConfig) and key != "params":
+            yield from _schema_keys(value, path + ".")
+
+
+def test_every_schema_field_is_documented():
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    from accel.recipe.schema import AdapterConfig, Recipe
+
+    docs = (Path(__file__).parents[1] / "docs" / "recipes.md").read_text()
+    keys = list(_schema_keys(OmegaConf.structured(Recipe)))
+    keys += [f"adapters[].{k}" for k in OmegaConf.structured(AdapterConfig).keys()]
+    missing = [k for k in keys if f"`{k}`" not in docs]
+    assert len(keys) > 25 and missing == []
