@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from accel.recipe import RecipeError, load_recipe
+from accel.recipe import RecipeError, find_recipe, load_recipe, to_yaml
+from accel.recipe.load import list_recipes
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -16,6 +17,20 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _recipes(args: argparse.Namespace) -> int:
+    if args.action == "list":
+        for group, names in list_recipes().items():
+            print(f"{group}: {', '.join(names)}")
+        return 0
+    if args.name is None:
+        raise RecipeError("accel recipes show needs a recipe name (see: accel recipes list)")
+    if args.resolved:
+        print(to_yaml(load_recipe(args.name, args.overrides)), end="")
+    else:
+        print(find_recipe(args.name).read_text(), end="")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="accel", description="Stacked acceleration for diffusion models.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -23,6 +38,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("recipe", nargs="?", default=None, help="recipe YAML or shipped name (default: embedded-demo)")
     run.add_argument("overrides", nargs="*", help="key=value overrides, e.g. sampler.steps=8")
     run.set_defaults(handler=_run)
+    recipes = commands.add_parser("recipes", help="list shipped recipes or show one")
+    recipes.add_argument("action", choices=["list", "show"])
+    recipes.add_argument("name", nargs="?", default=None, help="recipe name or path (for show)")
+    recipes.add_argument("overrides", nargs="*", help="key=value overrides (with --resolved)")
+    recipes.add_argument("--resolved", action="store_true", help="show the merged, validated recipe")
+    recipes.set_defaults(handler=_recipes)
     return parser
 
 

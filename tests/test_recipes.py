@@ -75,3 +75,27 @@ def test_every_schema_field_is_documented():
     keys += [f"adapters[].{k}" for k in OmegaConf.structured(AdapterConfig).keys()]
     missing = [k for k in keys if f"`{k}`" not in docs]
     assert len(keys) > 25 and missing == []
+
+
+def test_defaults_compose_group_files_and_the_recipe_overrides_them(tmp_path):
+    recipe_file = tmp_path / "r.yaml"
+    recipe_file.write_text("defaults: [model/flux-digits, sampler/euler-8]\nname: r\nsampler:\n  steps: 5\n")
+    recipe = load_recipe(str(recipe_file))
+    assert recipe.sampler.solver == "euler" and recipe.sampler.steps == 5 and recipe.name == "r"
+
+
+def test_unknown_default_group_option_lists_the_options(tmp_path):
+    recipe_file = tmp_path / "r.yaml"
+    recipe_file.write_text("defaults: [sampler/nope]\n")
+    with pytest.raises(RecipeError, match=r"defaults: no sampler/nope.yaml; sampler options: .*euler-8"):
+        load_recipe(str(recipe_file))
+
+
+def test_every_shipped_recipe_starts_with_the_command_that_runs_it():
+    from accel.recipe import RECIPES_DIR
+
+    files = sorted(RECIPES_DIR.rglob("*.yaml"))
+    assert files
+    for path in files:
+        first = path.read_text().splitlines()[0]
+        assert first.startswith("# ") and "accel " in first, path

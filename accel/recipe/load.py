@@ -14,6 +14,7 @@ from accel.recipe.schema import Recipe
 
 RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
 DEFAULT_RECIPE = "embedded-demo"
+GROUPS = ("model", "sampler", "cache", "adapters", "guidance", "inputs", "eval", "output")
 
 
 class RecipeError(ValueError):
@@ -32,6 +33,46 @@ def find_recipe(name_or_path: str | None) -> Path:
         return shipped
     available = ", ".join(sorted(p.stem for p in RECIPES_DIR.glob("*.yaml")))
     raise RecipeError(f"recipe file not found: {name_or_path} (shipped recipes: {available})")
+
+
+def _group_options(group: str) -> str:
+    return ", ".join(sorted(p.stem for p in (RECIPES_DIR / group).glob("*.yaml"))) or "(none)"
+
+
+def _default_entries(defaults) -> list[tuple[str, str]]:
+    """Normalises a `defaults` list: "group/name" strings or {group: name} mappings."""
+    if not isinstance(defaults, ListConfig):
+        raise RecipeError("defaults: must be a list such as [model/flux-digits, sampler/euler-8]")
+    entries = []
+    for item in defaults:
+        if isinstance(item, DictConfig) and len(item) == 1:
+            group, name = next(iter(item.items()))
+        elif isinstance(item, str) and item.count("/") == 1:
+            group, name = item.split("/")
+        else:
+            raise RecipeError(f"defaults: entry {item!r} must be 'group/name' or {{group: name}}")
+        if group not in GROUPS:
+            raise RecipeError(f"defaults: unknown group {group!r}; groups: {', '.join(GROUPS)}")
+        entries.append((str(group), str(name)))
+    return entries
+
+
+def compose(loaded: DictConfig) -> DictConfig:
+    """Merges the recipe's `defaults` group files (recipes/<group>/<name>.yaml) under it.
+
+    Each group file holds the contents of its section; later entries and the recipe's own keys
+    override earlier ones.
+    """
+    if "defaults" not in loaded:
+        return loaded
+    body = OmegaConf.masked_copy(loaded, [k for k in loaded.keys() if k != "defaults"])
+    parts = []
+    for group, name in _default_entries(loaded.defaults):
+        path = RECIPES_DIR / group / f"{name}.yaml"
+        if not path.is_file():
+            raise RecipeError(f"defaults: no {group}/{name}.yaml; {group} options: {_group_options(group)}")
+        parts.append(OmegaConf.create({group: OmegaConf.load(path)}))
+    return OmegaConf.merge(*parts, body)
 
 
 def _allowed_keys(node) -> str:
@@ -83,13 +124,25 @@ def load_recipe(name_or_path: str | None = None, overrides: list[str] | None = N
         raise RecipeError(f"{path} must hold a mapping of recipe sections, got {type(loaded).__name__}")
     schema = OmegaConf.structured(Recipe)
     try:
-        recipe = OmegaConf.merge(schema, loaded, parse_overrides(overrides or []))
+        recipe = OmegaConf.merge(schema, compose(loaded), parse_overrides(overrides or []))
     except OmegaConfBaseException as error:
         raise RecipeError(_describe(error, schema)) from None
     from accel.recipe.validate import validate_recipe
 
     validate_recipe(recipe)
     return recipe
+
+
+def list_recipes() -> dict[str, list[str]]:
+    """Shipped recipes: top-level names and, per group, the group options."""
+    listing = {"recipes": sorted(p.stem for p in RECIPES_DIR.glob("*.yaml"))}
+    for group in GROUPS:
+        options = sorted(p.stem for p in (RECIPES_DIR / group).glob("*.yaml"))
+        if options:
+            listing[group] = options
+    for sub in sorted(p for p in RECIPES_DIR.iterdir() if p.is_dir() and p.name not in GROUPS):
+        listing[sub.name] = sorted(f"{sub.name}/{p.stem}" for p in sub.glob("*.yaml"))
+    return listing
 
 
 def to_yaml(recipe: DictConfig | ListConfig) -> str:
