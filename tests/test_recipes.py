@@ -58,9 +58,10 @@ def _schema_keys(node, prefix=""):
 
     for key, value in node.items_ex(resolve=False) if isinstance(node, DictConfig) else []:
         path = f"{prefix}{key}"
-        yield path
         if isinstance(value, DictConfig) and key != "params":
             yield from _schema_keys(value, path + ".")
+        else:
+            yield path
 
 
 def test_every_schema_field_is_documented():
