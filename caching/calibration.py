@@ -83,7 +83,7 @@ def fit_teacache_polynomial(input_changes: Sequence[float], output_changes: Sequ
         raise ValueError(f"TeaCache calibration recorded {count} (input, output) change pairs; run at "
                          "least one generation of 3 or more steps under calibration")
     if count <= degree:
-        logger.info("caching: %d calibration pairs cannot fit degree %d; fitting degree %d",
+        logger.info("%d calibration pairs cannot fit degree %d; fitting degree %d",
                     count, degree, count - 1)
         degree = count - 1
     coefficients = np.polyfit(np.asarray(input_changes, dtype=np.float64),

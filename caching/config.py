@@ -163,11 +163,11 @@ class RunSchedule:
         if config.max_cached is not None:
             max_cached = math.floor(config.max_cached * num_steps + 1e-9)
             if max_cached < 1:
-                logger.info("caching: max_cached=%s of %d steps is below one step; allowing 1 cached step "
+                logger.info("max_cached=%s of %d steps is below one step; allowing 1 cached step "
                             "in a row", config.max_cached, num_steps)
                 max_cached = 1
         if warmup + cooldown >= num_steps:
-            logger.warning("caching: at %d steps, warm-up (%d) and cool-down (%d) steps cover the whole run: "
+            logger.warning("at %d steps, warm-up (%d) and cool-down (%d) steps cover the whole run: "
                            "every step is computed; lower warmup/cooldown to cache at this step count",
                            num_steps, warmup, cooldown)
         return cls(num_steps, warmup, cooldown, max_cached)

@@ -126,7 +126,8 @@ def iter_tensors(obj: Any, depth: int = 0) -> Iterator[torch.Tensor]:
         for value in obj:
             yield from iter_tensors(value, depth + 1)
     elif hasattr(obj, "tensors"):
-        yield from obj.tensors()
+        for item in obj.tensors():
+            yield from iter_tensors(item, depth + 1)
     elif hasattr(obj, "__dict__"):
         for value in vars(obj).values():
             yield from iter_tensors(value, depth + 1)
@@ -153,8 +154,9 @@ class CacheRuntime:
         self.planners: list[Callable[[CallFrame], None]] = []
         self._schedules: dict[int, RunSchedule] = {}
         self._warned: set[str] = set()
+        self.auto_calibrate = True
         if self.trigger.needs_calibration:
-            logger.warning("caching: %s has no calibrated parameters; the first generation runs in full "
+            logger.warning("%s has no calibrated parameters; the first generation runs in full "
                            "to calibrate them (or call calibrate_%s beforehand)", self.trigger.name,
                            self.trigger.name)
             self.calibrator = Calibrator(self.trigger.name)
@@ -164,7 +166,7 @@ class CacheRuntime:
         """Opens the frame of a model call (see the module docstring)."""
         context = current_step()
         if context is None:
-            self.warn_once("no-context", "caching: no step context is published (step_context.publish_step); "
+            self.warn_once("no-context", "no step context is published (step_context.publish_step); "
                            "computing every call in full")
             self.stats.passthrough_calls += 1
             return CallFrame()
@@ -290,14 +292,14 @@ class CacheRuntime:
         calibration = self.calibrator.finish(self.trigger)
         self.trigger.calibrate(calibration)
         self.calibrator = None
-        logger.info("caching: calibrated %s on %s: %s", self.trigger.name, self.model_name, calibration)
+        logger.info("calibrated %s on %s: %s", self.trigger.name, self.model_name, calibration)
         return calibration
 
     # ------------------------------------------------------------------ state bookkeeping
     def _sync_generation(self, context: StepContext) -> None:
         if context.generation == self.generation:
             return
-        if self.calibrator is not None and self.calibrator.has_data:
+        if self.auto_calibrate and self.calibrator is not None and self.calibrator.has_data:
             self.finish_calibration()
         self.states.clear()
         self.generation = context.generation
@@ -308,7 +310,7 @@ class CacheRuntime:
         is_new_shape = state is not None and state.signature != signature
         is_rewound = state is not None and context.stage == 0 and context.step_index < state.last_step
         if is_rewound:
-            self.warn_once("rewound", "caching: step index went back within generation %s without a new "
+            self.warn_once("rewound", "step index went back within generation %s without a new "
                            "generation id; resetting the cache (drivers should call new_generation())",
                            context.generation)
         if state is None or is_new_shape or is_rewound:

@@ -115,6 +115,7 @@ def calibrate_magcache(model: torch.nn.Module, run_fn: Callable[[], Any], *,
     config = CacheConfig(trigger=MagCacheTrigger(), scope=scope, count_flops=False,
                          name="magcache-calibration")
     handle = apply_cache(model, config)
+    handle.runtime.auto_calibrate = False  # every generation of run_fn is recorded
     try:
         run_fn()
         calibration = handle.runtime.finish_calibration()

@@ -122,6 +122,7 @@ def calibrate_teacache(model: torch.nn.Module, run_fn: Callable[[], Any], *, deg
     config = CacheConfig(trigger=TeaCacheTrigger(degree=degree), scope=scope or ResidualScope(),
                          count_flops=False, name="teacache-calibration")
     handle = apply_cache(model, config)
+    handle.runtime.auto_calibrate = False  # every generation of run_fn is recorded
     try:
         run_fn()
         calibration = handle.runtime.finish_calibration()

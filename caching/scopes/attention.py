@@ -1,0 +1,117 @@
+"""Attention scope: reuse (or forecast) the outputs of attention and MLP layers (PAB, FORA).
+
+Pyramid Attention Broadcast (Zhao et al. 2024, "Real-Time Video Generation with Pyramid Attention
+Broadcast", arXiv:2408.12588) observes that attention outputs change little in the middle of
+sampling, and least for cross attention, so each attention kind is recomputed on its own
+interval — a pyramid: self attention often, cross attention rarely. FORA (Selvaraju et al. 2024,
+"FORA: Fast-Forward Caching in Diffusion Transformer Acceleration", arXiv:2407.01425) reuses
+attention and MLP outputs of every block on one static interval. The rest of each block (norms,
+modulation, residual additions) always runs.
+
+Kinds are "self", "cross" and "mlp"; which submodule is which comes from the block layouts. A kind
+listed in `intervals` keeps its own interval (counted from its own latest computation); the other
+kinds follow the trigger's decision.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+from diffusers.hooks import ModelHook
+
+from ..config import ScopeConfig
+from ..hooks import InstalledHook, install_hook
+from ..layouts import ModelLayout, transformer_blocks
+from ._common import ForecastSlot
+
+if TYPE_CHECKING:
+    from ..runtime import CacheRuntime, CallFrame
+
+KINDS = ("self", "cross", "mlp")
+
+
+@dataclass
+class AttentionScope(ScopeConfig):
+    """Per-layer output caching by kind.
+
+    Attributes:
+        kinds: which kinds of layers are cached ("self", "cross", "mlp").
+        intervals: per-kind recompute intervals overriding the trigger for that kind.
+    """
+
+    name: ClassVar[str] = "attention"
+    kinds: tuple[str, ...] = ("self", "cross")
+    intervals: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.kinds = tuple(self.kinds)
+        unknown = [k for k in (*self.kinds, *self.intervals) if k not in KINDS]
+        if unknown or not self.kinds:
+            raise ValueError(f"AttentionScope: kinds {unknown or '()'} invalid; choose from {KINDS}")
+        for kind, interval in self.intervals.items():
+            if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
+                raise ValueError(f"AttentionScope: intervals[{kind!r}]={interval!r} must be an int >= 1")
+
+
+class AttentionCacheHook(ModelHook):
+    """On one attention / MLP module: forecast its output when its kind is not recomputed."""
+
+    def __init__(self, runtime: "CacheRuntime", unit: str, kind: str) -> None:
+        super().__init__()
+        self.runtime, self.unit, self.kind = runtime, unit, kind
+
+    def new_forward(self, module: torch.nn.Module, *args, **kwargs):
+        frame, original = self.runtime.frame, self.fn_ref.original_forward
+        if frame is None or frame.is_passthrough:
+            return original(*args, **kwargs)
+        slot = self.runtime.slot(frame, self.unit,
+                                 lambda: ForecastSlot(self.runtime.config.update.new_forecaster()))
+        is_cached_now = not frame.kind_compute.get(self.kind, True) and slot.ready
+        if is_cached_now:
+            frame.skipped.append((self.unit, 1.0))
+            return slot.predict(frame.coordinate)
+        output = self.runtime.run_unit(frame, self.unit, original, *args, **kwargs)
+        if frame.record:
+            slot.record(frame.coordinate, output)
+        return output
+
+
+def _kind_planner(scope: AttentionScope):
+    """Sets frame.kind_compute for each kind once the trigger has decided."""
+
+    def plan(frame: "CallFrame") -> None:
+        state, step = frame.state, frame.context.step_index
+        for kind in scope.kinds:
+            if frame.context.stage > 0:
+                frame.kind_compute[kind] = state.kind_last_computed.get(kind) == step
+                continue
+            interval = scope.intervals.get(kind)
+            if interval is None:
+                should = frame.compute_now
+            else:
+                last = state.kind_last_computed.get(kind)
+                should = frame.must_compute or last is None or step - last >= interval
+            frame.kind_compute[kind] = should
+            if should:
+                state.kind_last_computed[kind] = step
+    return plan
+
+
+def apply_attention_scope(runtime: "CacheRuntime", model: torch.nn.Module, layout: ModelLayout,
+                          scope: AttentionScope) -> list[InstalledHook]:
+    """Installs an AttentionCacheHook on every module of the requested kinds."""
+    installed = []
+    for ref in transformer_blocks(model, layout):
+        for kind in scope.kinds:
+            for attr in ref.layout.attention.get(kind, ()):
+                module = getattr(ref.module, attr, None)
+                if isinstance(module, torch.nn.Module):
+                    hook = AttentionCacheHook(runtime, f"{ref.name}.{attr}", kind)
+                    installed.append(install_hook(module, hook, "attention"))
+    if not installed:
+        raise ValueError(f"attention scope: {type(model).__name__} has no layers of kinds {scope.kinds}; "
+                         f"choose kinds among {KINDS} that its block layouts name")
+    runtime.planners.append(_kind_planner(scope))
+    return installed

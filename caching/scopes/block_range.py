@@ -1,0 +1,184 @@
+"""Block-range scope: the whole transformer residual, or the middle of the block chain (DBCache).
+
+The first `first` blocks and the last `last` blocks always run; the blocks in between are the
+cached range. On a computed call the range runs and its residual — output minus input, for the
+image stream and, where blocks update it, the text stream — is recorded. On a cached call every
+block of the range passes its inputs through and the last one adds the forecast residual, so the
+range costs nothing but an addition. `ResidualScope` is the range of all blocks (TeaCache, FORA
+on the whole model, TaylorSeer, FoCa, MagCache).
+
+The decision point is the range's first block: a feature-watching trigger decides there, from the
+first block's modulated input (TeaCache probe) or from the residual of the `first` head blocks
+(FBCache / DBCache / budget).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+from diffusers.hooks import ModelHook
+
+from ..config import ScopeConfig
+from ..hooks import InstalledHook, install_hook
+from ..layouts import (BlockLayout, ModelLayout, bind_arguments, compose_output, read_streams,
+                       split_output, transformer_blocks)
+
+if TYPE_CHECKING:
+    from ..runtime import CacheRuntime, CallFrame
+
+_ALL_TRIGGERS = ("interval", "teacache", "residual", "magcache", "budget")
+
+
+@dataclass
+class BlockRangeScope(ScopeConfig):
+    """Cache the middle of the block chain; `first` head and `last` tail blocks always run.
+
+    Attributes:
+        first: blocks always computed at the start (>= 1 for residual and budget triggers).
+        last: blocks always computed at the end.
+    """
+
+    name: ClassVar[str] = "blocks"
+    model_kinds: ClassVar[tuple[str, ...]] = ("transformer",)
+    first: int = 1
+    last: int = 0
+
+    def __post_init__(self) -> None:
+        for label, value in (("first", self.first), ("last", self.last)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"BlockRangeScope: {label}={value!r} must be an int >= 0")
+
+    @property
+    def triggers(self) -> tuple[str, ...]:  # type: ignore[override]
+        return _ALL_TRIGGERS if self.first >= 1 else ("interval", "teacache", "magcache")
+
+
+@dataclass
+class ResidualScope(BlockRangeScope):
+    """Cache the whole transformer residual (every block)."""
+
+    name: ClassVar[str] = "residual"
+    first: int = 0
+    last: int = 0
+
+    def __post_init__(self) -> None:
+        if self.first or self.last:
+            raise ValueError("ResidualScope caches every block; use BlockRangeScope(first=..., last=...)")
+
+
+@dataclass
+class RangeSlot:
+    """Per-branch state of a range: the residual forecaster; whether the text output is None."""
+
+    forecaster: Any
+    encoder_absent: bool = False
+
+    def tensors(self):
+        return self.forecaster.tensors()
+
+
+class HeadProbeHook(ModelHook):
+    """On the first block when head blocks exist: stashes its input (and probe) for the decision."""
+
+    def __init__(self, runtime: "CacheRuntime", layout: BlockLayout, needs_probe: bool) -> None:
+        super().__init__()
+        self.runtime, self.layout, self.needs_probe = runtime, layout, needs_probe
+
+    def new_forward(self, module: torch.nn.Module, *args, **kwargs):
+        frame = self.runtime.frame
+        if frame is not None and not frame.is_passthrough and frame.should_compute is None:
+            bound = bind_arguments(module, args, kwargs)
+            frame.scratch["head_input"] = read_streams(self.layout, bound)[0]
+            if self.needs_probe:
+                frame.scratch["probe"] = self.runtime.run_overhead(frame, self.layout.probe, module, bound)
+        return self.fn_ref.original_forward(*args, **kwargs)
+
+
+class BlockRangeHook(ModelHook):
+    """On each block of the cached range; the first decides, the last records or forecasts."""
+
+    def __init__(self, runtime: "CacheRuntime", unit: str, layout: BlockLayout, *, is_entry: bool,
+                 is_exit: bool, decision: str | None, probe_here: bool) -> None:
+        super().__init__()
+        self.runtime, self.unit, self.layout = runtime, unit, layout
+        self.is_entry, self.is_exit = is_entry, is_exit
+        self.decision, self.probe_here = decision, probe_here
+
+    def new_forward(self, module: torch.nn.Module, *args, **kwargs):
+        frame, original = self.runtime.frame, self.fn_ref.original_forward
+        if frame is None or frame.is_passthrough:
+            return original(*args, **kwargs)
+        bound = bind_arguments(module, args, kwargs)
+        hidden, encoder = read_streams(self.layout, bound)
+        if self.is_entry:
+            self._enter(frame, module, bound, hidden, encoder)
+        if frame.compute_now:
+            output = self.runtime.run_unit(frame, self.unit, original, *args, **kwargs)
+            if self.is_exit:
+                self._record(frame, output)
+            return output
+        frame.skipped.append((self.unit, 1.0))
+        if self.is_exit:
+            return self._forecast(frame, hidden, encoder)
+        return compose_output(self.layout, hidden, encoder)
+
+    def _enter(self, frame: "CallFrame", module, bound, hidden, encoder) -> None:
+        frame.scratch["range_input"] = (hidden, encoder)
+        if self.decision == "probe":
+            probe = (self.runtime.run_overhead(frame, self.layout.probe, module, bound)
+                     if self.probe_here else frame.scratch.get("probe"))
+            self.runtime.decide(frame, probe)
+        elif self.decision == "head_residual":
+            self.runtime.decide(frame, hidden - frame.scratch["head_input"])
+
+    def _record(self, frame: "CallFrame", output: Any) -> None:
+        hidden_out, encoder_out = split_output(self.layout, output)
+        hidden_in, encoder_in = frame.scratch["range_input"]
+        slot = self.runtime.slot(frame, self.unit, lambda: RangeSlot(self.runtime.config.update.new_forecaster()))
+        slot.encoder_absent = self.layout.encoder_out is not None and encoder_out is None
+        if not frame.record:
+            return
+        encoder_residual = None
+        if encoder_out is not None and encoder_in is not None and encoder_out.shape == encoder_in.shape:
+            encoder_residual = encoder_out - encoder_in
+        hidden_residual = hidden_out - hidden_in
+        slot.forecaster.record(frame.coordinate, (hidden_residual, encoder_residual))
+        self.runtime.note_quantity(frame, hidden_residual)
+
+    def _forecast(self, frame: "CallFrame", hidden: torch.Tensor, encoder: torch.Tensor | None):
+        slot: RangeSlot = frame.state.slots[self.unit]
+        hidden_residual, encoder_residual = slot.forecaster.predict(frame.coordinate)
+        hidden_out = hidden + hidden_residual
+        if slot.encoder_absent:
+            encoder_out = None
+        elif encoder_residual is not None and encoder is not None:
+            encoder_out = encoder + encoder_residual
+        else:
+            encoder_out = encoder
+        return compose_output(self.layout, hidden_out, encoder_out)
+
+
+def apply_block_range(runtime: "CacheRuntime", model: torch.nn.Module, layout: ModelLayout,
+                      scope: BlockRangeScope) -> list[InstalledHook]:
+    """Installs the range hooks (and the head probe hook when the decision needs one)."""
+    blocks = transformer_blocks(model, layout)
+    if scope.first + scope.last >= len(blocks):
+        raise ValueError(f"{scope.name} scope: first={scope.first} + last={scope.last} leaves no block to cache "
+                         f"in {type(model).__name__} ({len(blocks)} blocks); lower first/last")
+    decision = runtime.trigger.signal
+    if decision == "probe" and blocks[0].layout.probe is None:
+        raise ValueError(f"TeaCache needs the modulated input of {type(blocks[0].module).__name__}: register "
+                         "its BlockLayout with probe=<fn(block, bound_args) -> tensor>")
+    middle = blocks[scope.first:len(blocks) - scope.last]
+    installed = []
+    if scope.first > 0 and decision is not None:
+        hook = HeadProbeHook(runtime, blocks[0].layout, needs_probe=decision == "probe")
+        installed.append(install_hook(blocks[0].module, hook, "head"))
+    for index, ref in enumerate(middle):
+        hook = BlockRangeHook(runtime, ref.name, ref.layout, is_entry=index == 0,
+                              is_exit=index == len(middle) - 1, decision=decision if index == 0 else None,
+                              probe_here=scope.first == 0)
+        installed.append(install_hook(ref.module, hook, "range"))
+    return installed
