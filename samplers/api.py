@@ -37,7 +37,8 @@ def sample(denoiser, noise: torch.Tensor, *, solver: str = "dpmpp_2m", steps: in
 
     Args:
         denoiser: a Denoiser (returns x0); its prediction type must fit its schedule family.
-        noise: (B, ...) standard normal noise, used as x at the first noise level.
+        noise: (B, ...) standard normal noise; x starts as s(sigma_0) * noise (the noise part of
+            the first level, exactly noise at flow t = 1).
         solver: a name in SOLVERS.
         steps: number of solver steps (give this or `nfe`).
         nfe: model-evaluation budget per guidance branch, met exactly (give this or `steps`).
@@ -54,5 +55,6 @@ def sample(denoiser, noise: torch.Tensor, *, solver: str = "dpmpp_2m", steps: in
     spec.check_fits(denoiser.prediction_type, getattr(denoiser.schedule, "name", None))
     num_steps = resolve_steps(spec, steps, nfe)
     sigmas = make_sigmas(schedule, num_steps, denoiser.schedule, **(schedule_options or {}))
-    core = spec.make_steps(noise, sigmas, denoiser.schedule, **(solver_options or {}))
+    _, scale = denoiser.alpha_sigma(sigmas[0].to(torch.float64))
+    core = spec.make_steps(noise * float(scale), sigmas, denoiser.schedule, **(solver_options or {}))
     return run_solver(core, denoiser, sigmas, order=spec.order, cond=cond, callback=callback)
