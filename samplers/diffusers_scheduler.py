@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import inspect
 import math
+from collections.abc import Mapping
 
 import numpy as np
 import torch
@@ -99,6 +100,20 @@ class AccelScheduler(SchedulerMixin, ConfigMixin):
         self._core = None
         self._step_index: int | None = None
         self._generation = 0
+
+    @classmethod
+    def from_config(cls, config=None, return_unused_kwargs: bool = False, **kwargs):
+        """ConfigMixin.from_config, keeping every value of the source config, defaults included.
+
+        diffusers replaces values a source scheduler left at *its* defaults with *this* class's
+        defaults, which would silently swap e.g. DDIM's linear betas for scaled-linear ones. A
+        config with betas but no prediction type (e.g. SD 1.5's PNDM) is an epsilon model.
+        """
+        if isinstance(config, Mapping):
+            config = {key: value for key, value in config.items() if key != "_use_default_values"}
+            if "beta_schedule" in config and "prediction_type" not in config:
+                config["prediction_type"] = "epsilon"
+        return super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
 
     def __len__(self) -> int:
         return self.config.num_train_timesteps

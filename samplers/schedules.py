@@ -44,7 +44,11 @@ def get_sigmas_flow(num_steps: int, shift: float = 1.0, t_max: float = 1.0) -> t
 
 
 def get_sigmas_sd3(num_steps: int, shift: float = 3.0) -> torch.Tensor:
-    """SD3's statically shifted flow times, shift 3 (Esser et al. 2024, arXiv:2403.03206, Sec. 5.3.2)."""
+    """SD3's static shift 3 of uniform times 1, 1 - 1/N, ..., 1/N, 0 (Esser et al. 2024, arXiv:2403.03206).
+
+    diffusers' SD3 default instead spaces N times down to the shifted training minimum (~0.003),
+    which spends the last step below t = 0.01; these are the times FluxPipeline passes.
+    """
     return get_sigmas_flow(num_steps, shift=shift)
 
 
