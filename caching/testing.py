@@ -1,8 +1,11 @@
-"""Tiny random-weight models of every supported class, and a loop that drives them with step contexts.
+"""Tiny random-weight models of every supported class, a toy transformer, and loops that drive them.
 
 For tests and quick checks: each factory builds a model from a config in well under a second,
 offline, and gives the inputs of one call. `run_steps` walks a toy trajectory, publishing a
-StepContext per call, so caches see exactly what a sampler would show them.
+StepContext per call, so caches see exactly what a sampler would show them. `ToyTransformer` is
+a registered model whose blocks compute known functions (a shift by the timestep embedding, a
+square, a doubling, a token-wise MLP), so forecasts and calibrations can be checked against
+closed forms; `drive` calls any model with given inputs per step.
 """
 
 from __future__ import annotations
@@ -14,6 +17,69 @@ from typing import Any, Callable
 import torch
 
 from step_context import StepContext, guidance_branch, new_generation, publish_step
+
+from .layouts import BlockLayout, ModelLayout, register_block_layout, register_model_layout
+
+
+class ToyBlock(torch.nn.Module):
+    """A block computing a known function of (hidden_states (B, N, D), temb (B,)).
+
+    Kinds: "shift" -> hidden + temb * direction; "square" -> hidden ** 2; "double" -> 2 hidden;
+    "mlp" -> hidden + mlp(hidden) with a token-wise linear `mlp`.
+    """
+
+    def __init__(self, dim: int, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+        self.mlp = torch.nn.Linear(dim, dim)
+        self.register_buffer("direction", torch.linspace(-1.0, 1.0, dim))
+
+    def forward(self, hidden_states: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        if self.kind == "shift":
+            return hidden_states + temb[:, None, None] * self.direction
+        if self.kind == "square":
+            return hidden_states ** 2
+        if self.kind == "double":
+            return hidden_states * 2
+        return hidden_states + self.mlp(hidden_states)
+
+
+class ToyTransformer(torch.nn.Module):
+    """A chain of ToyBlocks; returns a 1-tuple like diffusers models with return_dict=False."""
+
+    def __init__(self, dim: int = 4, num_blocks: int = 2, kind: str = "shift") -> None:
+        super().__init__()
+        self.blocks = torch.nn.ModuleList(ToyBlock(dim, kind) for _ in range(num_blocks))
+
+    def forward(self, hidden_states: torch.Tensor, temb: torch.Tensor) -> tuple[torch.Tensor]:
+        for block in self.blocks:
+            hidden_states = block(hidden_states, temb)
+        return (hidden_states,)
+
+
+register_model_layout(ToyTransformer, ModelLayout("transformer", ("blocks",)))
+register_block_layout(ToyBlock, BlockLayout(attention={"mlp": ("mlp",)}, token_modules=("mlp",),
+                                            probe=lambda block, bound: bound["hidden_states"]))
+
+
+def drive(model: torch.nn.Module, inputs: list[dict[str, Any]], *, sigmas: list[float] | None = None,
+          branch: str = "cond", generation: int | None = None, stages: int = 1) -> list[torch.Tensor]:
+    """Calls `model(**inputs[i])` at step i of a len(inputs)-step run (`stages` calls per step).
+
+    Returns the first output tensor of every call, in order.
+    """
+    num_steps = len(inputs)
+    generation = new_generation() if generation is None else generation
+    outputs = []
+    with torch.no_grad():
+        for index, kwargs in enumerate(inputs):
+            sigma = sigmas[index] if sigmas is not None else 1.0 - index / num_steps
+            for stage in range(stages):
+                context = StepContext(index, num_steps, sigma, sigma * 1000, generation=generation, stage=stage)
+                with publish_step(context), guidance_branch(branch):
+                    output = model(**kwargs)
+                outputs.append(output if isinstance(output, torch.Tensor) else output[0])
+    return outputs
 
 
 @dataclass
