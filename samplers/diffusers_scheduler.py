@@ -85,14 +85,13 @@ class AccelScheduler(SchedulerMixin, ConfigMixin):
         family = ("flow" if self.prediction == "flow" else "vp") if noise_schedule == "auto" else noise_schedule
         self.solver_spec = get_solver(solver)
         self.solver_spec.check_fits(self.prediction, family)
-        self.noise_schedule = (FlowSchedule(num_train_timesteps=num_train_timesteps) if family == "flow" else
+        self.model_schedule = (FlowSchedule(num_train_timesteps=num_train_timesteps) if family == "flow" else
                                vp_schedule_from_betas(num_train_timesteps, beta_start, beta_end, beta_schedule))
         if schedule == "auto":
             schedule = "flux" if family == "flow" and use_dynamic_shifting else DEFAULT_SCHEDULES[family]
         self.schedule_name = schedule
-        if get_schedule(schedule).family not in ("any", family):
-            get_schedule(schedule).sigmas(1, self.noise_schedule)  # raises the error naming the fix
-        self.init_noise_sigma = 1.0
+        get_schedule(schedule).check_family(family)
+        self.init_noise_sigma = 1.0  # model_schedule above: the FlowSchedule / VPSchedule object
         self.timesteps: torch.Tensor | None = None
         self.sigmas: torch.Tensor | None = None
         self.num_inference_steps: int | None = None
@@ -158,13 +157,13 @@ class AccelScheduler(SchedulerMixin, ConfigMixin):
         if sigmas is not None:
             return torch.as_tensor(sigmas, dtype=torch.float64).detach().cpu().reshape(-1)
         timesteps = torch.as_tensor(timesteps, dtype=torch.float64).detach().cpu().reshape(-1)
-        if isinstance(self.noise_schedule, FlowSchedule):
+        if isinstance(self.model_schedule, FlowSchedule):
             return timesteps / self.config.num_train_timesteps
-        log_sigmas = self.noise_schedule.train_sigmas.to(torch.float64).log().numpy()
+        log_sigmas = self.model_schedule.train_sigmas.to(torch.float64).log().numpy()
         return torch.from_numpy(np.interp(timesteps.numpy(), np.arange(len(log_sigmas)), log_sigmas)).exp()
 
     def _follow_given(self, given: torch.Tensor, mu: float | None) -> torch.Tensor:
-        if isinstance(self.noise_schedule, FlowSchedule):
+        if isinstance(self.model_schedule, FlowSchedule):
             if self.config.use_dynamic_shifting and mu is not None:
                 given = math.exp(mu) / (math.exp(mu) + 1 / given - 1)
             elif self.config.shift != 1.0:
@@ -192,12 +191,12 @@ class AccelScheduler(SchedulerMixin, ConfigMixin):
         if given is not None and self.config.use_given_sigmas:
             walk = self._follow_given(given, mu)
         else:
-            walk = make_sigmas(self.schedule_name, num_inference_steps, self.noise_schedule,
+            walk = make_sigmas(self.schedule_name, num_inference_steps, self.model_schedule,
                                **self._schedule_options(mu))
         self.sigmas = check_sigmas(walk)
-        self._plan = plan_evaluations(self.solver_spec, self.sigmas, self.noise_schedule,
+        self._plan = plan_evaluations(self.solver_spec, self.sigmas, self.model_schedule,
                                       self.config.solver_options or {})
-        self.timesteps = torch.tensor([model_timestep(self.noise_schedule, p.sigma) for p in self._plan],
+        self.timesteps = torch.tensor([model_timestep(self.model_schedule, p.sigma) for p in self._plan],
                                       dtype=torch.float32, device=device)
         self.num_inference_steps = num_inference_steps
         self._core, self._step_index, self._generation = None, 0, new_generation()
@@ -206,7 +205,7 @@ class AccelScheduler(SchedulerMixin, ConfigMixin):
     def _publish(self) -> None:
         request = self._plan[self._step_index]
         set_current(evaluation_context(request, self.num_inference_steps, self.solver_spec.order,
-                                       self._generation, self.noise_schedule))
+                                       self._generation, self.model_schedule))
 
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor,
              generator: torch.Generator | None = None, return_dict: bool = True) -> SchedulerOutput | tuple:
@@ -231,11 +230,11 @@ class AccelScheduler(SchedulerMixin, ConfigMixin):
             options = dict(self.config.solver_options or {})
             if generator is not None and "generator" in inspect.signature(self.solver_spec.steps).parameters:
                 options["generator"] = generator
-            self._core = self.solver_spec.make_steps(x, self.sigmas, self.noise_schedule, **options)
+            self._core = self.solver_spec.make_steps(x, self.sigmas, self.model_schedule, **options)
             advance(self._core, None)
         sigma = torch.full((x.shape[0],), self._plan[self._step_index].sigma, dtype=torch.float32,
                            device=x.device)
-        x0 = prediction_to_x0(model_output.to(torch.float32), x, sigma, self.prediction, self.noise_schedule)
+        x0 = prediction_to_x0(model_output.to(torch.float32), x, sigma, self.prediction, self.model_schedule)
         request, result = advance(self._core, x0)
         self._step_index += 1
         if request is None:

@@ -118,13 +118,16 @@ class ScheduleSpec:
     def __call__(self, *args, **kwargs) -> torch.Tensor:
         return self.fn(*args, **kwargs)
 
-    def sigmas(self, num_steps: int, schedule, **options) -> torch.Tensor:
-        """The (num_steps + 1,) walk for a model with noise schedule `schedule`, or a ValueError."""
-        family = getattr(schedule, "name", None)
+    def check_family(self, family: str | None) -> None:
+        """Raises ValueError if this schedule is not for models of this noise schedule family."""
         if self.family not in ("any", family):
             fits = [name for name, spec in SCHEDULES.items() if spec.family in ("any", family)]
             raise ValueError(f"schedule {self.name!r} is for {self.family} models, this model is {family}; "
                              f"use one of: {', '.join(fits)}")
+
+    def sigmas(self, num_steps: int, schedule, **options) -> torch.Tensor:
+        """The (num_steps + 1,) walk for a model with noise schedule `schedule`, or a ValueError."""
+        self.check_family(getattr(schedule, "name", None))
         accepted = list(inspect.signature(self.fn).parameters)[1 if self.family == "flow" else 2:]
         unknown = sorted(set(options) - set(accepted))
         if unknown:
