@@ -71,6 +71,11 @@ def _check_fits(model: torch.nn.Module, config: CacheConfig) -> None:
                 else f"use a scope made for {layout.kind} models")
         raise ValueError(f"scope '{scope.name}' cannot be provided by {type(model).__name__} "
                          f"(a {layout.kind}); {hint}")
+    trigger = config.trigger
+    if trigger.needs_calibration and trigger.name == "magcache" and scope.name not in ("residual", "blocks",
+                                                                                      "deep_branch"):
+        raise ValueError(f"MagCache calibrates on a block-range residual or a UNet deep feature, not on scope "
+                         f"'{scope.name}'; pass ratios=calibrate_magcache(model, run_fn).ratios")
     if type(scope) not in SCOPE_INSTALLERS:
         raise ValueError(f"scope {type(scope).__name__} has no installer; register it in "
                          "caching.scopes.SCOPE_INSTALLERS")
@@ -107,10 +112,18 @@ def apply_cache(model: torch.nn.Module, config: CacheConfig) -> CacheHandle:
     except Exception:
         uninstall_hooks(installed)
         raise
+    _invalidate_diffusers_cache(model)
     handle = CacheHandle(model, runtime, installed)
     _HANDLES[model] = handle
     logger.info("applied %s to %s (%d hooks)", config.name, type(model).__name__, len(installed))
     return handle
+
+
+def _invalidate_diffusers_cache(model: torch.nn.Module) -> None:
+    """Drops diffusers' cached list of child hook registries, which hook changes make stale."""
+    registry = getattr(model, "_diffusers_hook", None)
+    if registry is not None and hasattr(registry, "invalidate_child_registries_cache"):
+        registry.invalidate_child_registries_cache()
 
 
 def remove_cache(model: torch.nn.Module) -> None:
@@ -120,6 +133,7 @@ def remove_cache(model: torch.nn.Module) -> None:
         logger.warning("%s has no cache applied; nothing to remove", type(model).__name__)
         return
     uninstall_hooks(handle._installed)
+    _invalidate_diffusers_cache(model)
     handle.runtime.states.clear()
 
 

@@ -300,7 +300,10 @@ class CacheRuntime:
         if context.generation == self.generation:
             return
         if self.auto_calibrate and self.calibrator is not None and self.calibrator.has_data:
-            self.finish_calibration()
+            try:
+                self.finish_calibration()
+            except ValueError as error:  # too little recorded yet: keep calibrating
+                logger.warning("%s; calibrating on the next generation too", error)
         self.states.clear()
         self.generation = context.generation
         self.stats.begin_run(context.generation)

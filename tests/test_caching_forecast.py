@@ -1,5 +1,7 @@
 """Update rules (how): reuse, Taylor (TaylorSeer) and BDF2/Heun (FoCa) forecasts; calibration fits."""
 
+import logging
+
 import numpy as np
 import pytest
 import torch
@@ -129,3 +131,29 @@ def test_calibrate_magcache_records_magnitude_ratios():
     inputs = [dict(hidden_states=torch.full((1, 3, 4), 1.1 ** i), temb=torch.tensor([0.0])) for i in range(6)]
     calibration = calibrate_magcache(model, lambda: drive(model, inputs))
     assert np.allclose(calibration.ratios, (1.0,) + (1.1,) * 5, atol=1e-5)
+
+
+def test_auto_calibration_waits_for_enough_data():
+    model = toy_model(kind="double")
+    one_step = [dict(hidden_states=torch.full((1, 3, 4), 1.0), temb=torch.tensor([0.0]))]
+    handle = apply_cache(model, get_preset("magcache"))
+    drive(model, one_step)                               # nothing to compare yet
+    drive(model, one_step * 4)                            # still calibrating, then enough
+    assert handle.config.trigger.ratios is None
+    drive(model, one_step * 4)
+    remove_cache(model)
+    assert handle.config.trigger.ratios == pytest.approx((1.0, 1.0, 1.0, 1.0))
+
+
+def test_teacache_auto_calibration_keeps_recording_after_a_too_short_run(caplog):
+    model = toy_model(kind="square")
+    levels = [1.0 + 0.1 * i + 0.03 * i * i for i in range(6)]
+    inputs = [dict(hidden_states=torch.full((1, 3, 4), a), temb=torch.tensor([0.0])) for a in levels]
+    handle = apply_cache(model, get_preset("teacache", degree=2))
+    drive(model, inputs[:2])                              # one pair: cannot fit yet
+    with caplog.at_level(logging.WARNING, logger="caching"):
+        drive(model, inputs)
+    assert "calibrating on the next generation too" in caplog.text
+    drive(model, inputs)
+    remove_cache(model)
+    assert np.allclose(handle.config.trigger.coefficients, (1.0, 2.0, 0.0), atol=1e-3)

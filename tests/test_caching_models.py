@@ -1,12 +1,13 @@
 """Model support, exact removal, no leakage between runs or models, and errors on bad input."""
 
+import json
 import logging
 
 import pytest
 import torch
 
-from caching import (CacheConfig, IntervalTrigger, ResidualScope, TokenScope, apply_cache, get_cache,
-                     get_preset, remove_cache)
+from caching import (AttentionScope, BlockRangeScope, CacheConfig, IntervalTrigger, MagCacheTrigger,
+                     ResidualScope, ResidualTrigger, TokenScope, apply_cache, get_cache, get_preset, remove_cache)
 from caching.testing import TINY_MODELS, ToyTransformer, drive, run_steps, tiny_model
 from step_context import StepContext, new_generation, publish_step
 
@@ -130,11 +131,24 @@ def test_bad_input_gives_one_line_errors():
         (lambda: CacheConfig(get_preset("fbcache").trigger, ResidualScope()), "cannot drive scope 'residual'"),
         (lambda: CacheConfig(IntervalTrigger(2), TokenScope(fraction=0.0)), "fraction"),
         (lambda: apply_cache(torch.nn.Linear(2, 2), get_preset("fbcache")), "Linear has no block layout"),
+        (lambda: apply_cache(tiny.model, CacheConfig(MagCacheTrigger(), AttentionScope())), "pass ratios="),
+        (lambda: get_preset("fbcache", first=0), "takes no parameter first"),
+        (lambda: CacheConfig(ResidualTrigger(), BlockRangeScope(first=0)), "cannot drive scope 'blocks'"),
     ]
     for build, message in cases:
         with pytest.raises(ValueError, match=message) as error:
             build()
         assert "\n" not in str(error.value)
+
+
+def test_summary_and_description_are_json_ready():
+    tiny = tiny_model("FluxTransformer2DModel")
+    handle = apply_cache(tiny.model, get_preset("dbcache", threshold=0.5))
+    run_steps(tiny, 4, branches=("cond", "uncond"))
+    remove_cache(tiny.model)
+    summary = json.loads(json.dumps(handle.stats.summary()))
+    assert summary["runs"][0]["steps_computed"]["uncond"][0] == 0
+    assert json.loads(json.dumps(handle.describe()))["trigger"] == {"kind": "residual", "threshold": 0.5}
 
 
 def test_apply_twice_is_refused_and_remove_without_cache_is_logged(caplog):
