@@ -91,7 +91,7 @@ class AccelScheduler(SchedulerMixin, ConfigMixin):
             schedule = "flux" if family == "flow" and use_dynamic_shifting else DEFAULT_SCHEDULES[family]
         self.schedule_name = schedule
         get_schedule(schedule).check_family(family)
-        self.init_noise_sigma = 1.0  # model_schedule above: the FlowSchedule / VPSchedule object
+        self.init_noise_sigma = 1.0
         self.timesteps: torch.Tensor | None = None
         self.sigmas: torch.Tensor | None = None
         self.num_inference_steps: int | None = None
