@@ -120,6 +120,15 @@ def test_later_stages_follow_the_step_decision(toy):
     assert stage1 == [(0, True), (1, False), (2, False), (3, True), (4, False), (5, False)]
 
 
+def test_feature_triggers_with_later_stages(toy):
+    inputs = [dict(hidden_states=torch.full((1, 3, 4), 1.1 ** i), temb=torch.tensor([10.0 + i])) for i in range(6)]
+    for config in (CacheConfig(ResidualTrigger(threshold=0.25), BlockRangeScope(first=1, last=0)),
+                   CacheConfig(TeaCacheTrigger(threshold=0.25, coefficients=(1.0, 0.0)), ResidualScope())):
+        run = computed(toy, config, inputs, stages=2)
+        assert [c.computed for c in run.calls if c.stage == 1] == [c.computed for c in run.calls if c.stage == 0]
+        assert run.steps_computed() == [0, 3], config.trigger.name
+
+
 def test_branches_keep_separate_state(toy):
     config = CacheConfig(TeaCacheTrigger(threshold=0.25, coefficients=(1.0, 0.0)), ResidualScope())
     grow = [dict(hidden_states=torch.full((1, 3, 4), 1.1 ** i), temb=torch.tensor([0.0])) for i in range(8)]

@@ -126,6 +126,9 @@ class BlockRangeHook(ModelHook):
 
     def _enter(self, frame: "CallFrame", module, bound, hidden, encoder) -> None:
         frame.scratch["range_input"] = (hidden, encoder)
+        is_decided = frame.should_compute is not None  # a later stage follows its step's decision
+        if is_decided:
+            return
         if self.decision == "probe":
             probe = (self.runtime.run_overhead(frame, self.layout.probe, module, bound)
                      if self.probe_here else frame.scratch.get("probe"))
