@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     # `accel run key=value` (no recipe): the first positional is an override, not a recipe.
     if len(argv) >= 2 and argv[0] == "run" and "=" in argv[1]:
         argv.insert(1, "embedded-demo")
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_intermixed_args(argv)
     try:
         return args.handler(args)
     except (RecipeError, FileNotFoundError) as error:

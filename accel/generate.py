@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -38,10 +38,13 @@ class SamplingPlan:
     solver: str
     steps: int
     schedule: str = "flow"
-    shift: float = 1.0
+    schedule_params: dict = field(default_factory=dict)
+    solver_params: dict = field(default_factory=dict)
 
-    def sigmas(self) -> torch.Tensor:
-        return samplers.get_schedule(self.schedule)(self.steps, shift=self.shift)
+    def describe(self) -> str:
+        params = {**self.schedule_params, **self.solver_params}
+        extra = ", ".join(f"{k}={v}" for k, v in params.items())
+        return f"{self.solver} {self.steps} steps, {self.schedule} schedule" + (f" ({extra})" if extra else "")
 
     def nfe(self, guidance_scale: float) -> int:
         """Model evaluations per sample: solver NFE times the guidance passes."""
@@ -64,15 +67,15 @@ def generate(denoiser: samplers.Denoiser, plan: SamplingPlan, noise: torch.Tenso
         desc: progress-bar label (None hides the bar).
         before_generation: called before each batch's generation (e.g. a cache reset).
     """
-    solver = samplers.get_solver(plan.solver)
-    sigmas = plan.sigmas()
-    _, initial_scale = denoiser.alpha_sigma(sigmas[0])
     outputs = []
     starts = range(0, noise.shape[0], batch_size)
     for start in tqdm(starts, desc=desc, disable=desc is None, leave=False):
-        x = noise[start:start + batch_size].to(device) * initial_scale
+        x = noise[start:start + batch_size].to(device)
         batch_labels = labels[start:start + batch_size].to(device)
         if before_generation is not None:
             before_generation()
-        outputs.append(solver.fn(denoiser, x, sigmas, cond={"labels": batch_labels}).cpu())
+        outputs.append(samplers.sample(
+            denoiser, x, solver=plan.solver, steps=plan.steps, schedule=plan.schedule,
+            schedule_options=dict(plan.schedule_params), solver_options=dict(plan.solver_params),
+            cond={"labels": batch_labels}).cpu())
     return torch.cat(outputs)

@@ -40,7 +40,8 @@ def load_embedded_model(name: str, device: str):
 
 def plan_from(section: DictConfig) -> SamplingPlan:
     return SamplingPlan(solver=section.solver, steps=section.steps, schedule=section.schedule,
-                        shift=section.shift)
+                        schedule_params=OmegaConf.to_container(section.schedule_params),
+                        solver_params=OmegaConf.to_container(section.solver_params))
 
 
 class Evaluator:
@@ -82,7 +83,8 @@ def measure_plan(label: str, kind: str, plan: SamplingPlan, denoiser, inputs: In
         repeats=recipe.eval.timing_repeats, warmup=1, device=device)
     record = {
         "label": label, "kind": kind, "solver": plan.solver, "steps": plan.steps,
-        "schedule": plan.schedule, "shift": plan.shift,
+        "schedule": plan.schedule, "schedule_params": plan.schedule_params,
+        "solver_params": plan.solver_params,
         "nfe": plan.nfe(recipe.guidance.scale), "flops": flops, "tflops": flops / 1e12,
         "wall_seconds": wall, "peak_memory_mb": measure.peak_memory_mb(device),
     }
@@ -132,9 +134,9 @@ def write_outputs(recipe: DictConfig, summary: dict, ref_images: torch.Tensor,
     reference, run = summary["runs"]
     (folder / "report.md").write_text(
         f"# {recipe.name}\n\n"
-        f"Reference: {reference['solver']} {reference['steps']} steps; run: {run['solver']} "
-        f"{run['steps']} steps ({run['schedule']} schedule, shift {run['shift']}), guidance "
-        f"{recipe.guidance.scale}, {len(labels)} samples, same seeds.\n\n"
+        f"Reference: {plan_from(recipe.eval.reference).describe()}; run: "
+        f"{plan_from(recipe.sampler).describe()}; guidance {recipe.guidance.scale}, "
+        f"{len(labels)} samples, same seeds.\n\n"
         f"{markdown_table(summary['runs'])}\n\n![reference vs run](grid.png)\n\n"
         f"## Resolved recipe\n\n```yaml\n{to_yaml(recipe)}```\n")
     print(format_table(summary["runs"]))

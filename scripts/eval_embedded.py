@@ -45,12 +45,12 @@ def main() -> None:
     noise = sample_noise(args.seed, range(len(labels)), (1, 16, 16))
     for scale in args.guidance:
         denoiser = flux_digits_denoiser(model, scale)
-        reference = measure.to_unit_range(generate(denoiser, SamplingPlan("euler", 50, shift=args.shift),
+        reference = measure.to_unit_range(generate(denoiser, SamplingPlan("euler", 50, schedule_params={"shift": args.shift}),
                                                    noise, labels, 100, desc=f"reference g={scale}"))
         row = {"accuracy_50": measure.class_accuracy(judge, reference, labels), "fd_50": fd(reference),
                "steps": {}}
         for steps in args.steps:
-            images = measure.to_unit_range(generate(denoiser, SamplingPlan("euler", steps, shift=args.shift),
+            images = measure.to_unit_range(generate(denoiser, SamplingPlan("euler", steps, schedule_params={"shift": args.shift}),
                                                     noise, labels, 100))
             row["steps"][steps] = {"psnr": measure.psnr(images, reference), "ssim": measure.ssim(images, reference),
                                    "fd": fd(images), "accuracy": measure.class_accuracy(judge, images, labels)}

@@ -20,7 +20,7 @@ def test_overrides_apply_last():
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["sampler.stepz=3"], "unknown key 'sampler.stepz'; allowed keys here: solver, steps, schedule, shift"),
+    (["sampler.stepz=3"], "unknown key 'sampler.stepz'; allowed keys here: solver, steps, schedule, schedule_params, solver_params"),
     (["sampler.steps=abc"], "wrong type for 'sampler.steps'"),
     (["sampler.solver=foo"], "sampler.solver: 'foo' is not allowed; choose one of: "),
     (["sampler.steps=0"], "sampler.steps: 0 must be >= 1"),
@@ -48,7 +48,7 @@ def test_cli_exits_2_with_one_line_on_bad_input(capsys, tmp_path):
     bad.write_text("sampler:\n  solver: euler\n  colour: red\n")
     assert main(["run", str(bad)]) == 2
     err = capsys.readouterr().err.strip()
-    assert err == "accel: error: unknown key 'sampler.colour'; allowed keys here: solver, steps, schedule, shift"
+    assert err == "accel: error: unknown key 'sampler.colour'; allowed keys here: solver, steps, schedule, schedule_params, solver_params"
     assert main(["run", "sampler.steps=-1"]) == 2
     assert "sampler.steps: -1 must be >= 1" in capsys.readouterr().err
 

@@ -27,7 +27,8 @@ class SamplerConfig:
     solver: str = "euler"  # a name from samplers.SOLVERS
     steps: int = 8  # solver steps (NFE = steps * the solver's evaluations per step)
     schedule: str = "flow"  # a name from samplers.SCHEDULES
-    shift: float = 1.0  # time shift of flow schedules (1 = none)
+    schedule_params: dict[str, Any] = field(default_factory=dict)  # e.g. {shift: 3.0}
+    solver_params: dict[str, Any] = field(default_factory=dict)  # e.g. {eta: 0.5} for ddim
 
 
 @dataclass
@@ -73,7 +74,8 @@ class ReferenceConfig:
     solver: str = "euler"
     steps: int = 50
     schedule: str = "flow"
-    shift: float = 1.0
+    schedule_params: dict[str, Any] = field(default_factory=dict)
+    solver_params: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

@@ -37,8 +37,12 @@ def _check_sampling(prefix: str, section: DictConfig) -> None:
     _choice(f"{prefix}.solver", section.solver, sorted(samplers.SOLVERS))
     _choice(f"{prefix}.schedule", section.schedule, sorted(samplers.SCHEDULES))
     _at_least(f"{prefix}.steps", section.steps, 1)
-    if section.shift <= 0:
-        raise RecipeError(f"{prefix}.shift: {section.shift} must be > 0")
+    try:
+        samplers.get_solver(section.solver).check_fits("flow", "flow")
+        samplers.make_sigmas(section.schedule, section.steps, samplers.FlowSchedule(),
+                             **dict(section.schedule_params))
+    except (TypeError, ValueError) as error:
+        raise RecipeError(f"{prefix}: {error}".splitlines()[0]) from None
 
 
 def _check_inputs(inputs: DictConfig) -> None:
