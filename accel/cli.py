@@ -52,7 +52,13 @@ def main(argv: list[str] | None = None) -> int:
     # `accel run key=value` (no recipe): the first positional is an override, not a recipe.
     if len(argv) >= 2 and argv[0] == "run" and "=" in argv[1]:
         argv.insert(1, "embedded-demo")
-    args = build_parser().parse_intermixed_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # Overrides may follow flags (`accel recipes show X --resolved a=b`): argparse leaves them over.
+    if extra and all("=" in item and not item.startswith("-") for item in extra) and hasattr(args, "overrides"):
+        args.overrides = list(args.overrides) + extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.handler(args)
     except (RecipeError, FileNotFoundError) as error:
