@@ -31,6 +31,16 @@ def _recipes(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from accel.bench import run_suite
+
+    out_dir = Path(args.out) if args.out else Path("runs") / f"bench-{args.suite}"
+    run_suite(args.suite, quick=args.quick, json_path=Path(args.json) if args.json else None, out_dir=out_dir)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="accel", description="Stacked acceleration for diffusion models.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -44,6 +54,12 @@ def build_parser() -> argparse.ArgumentParser:
     recipes.add_argument("overrides", nargs="*", help="key=value overrides (with --resolved)")
     recipes.add_argument("--resolved", action="store_true", help="show the merged, validated recipe")
     recipes.set_defaults(handler=_recipes)
+    bench = commands.add_parser("bench", help="benchmarks: samplers, caches")
+    bench.add_argument("suite", help="samplers | caches")
+    bench.add_argument("--quick", action="store_true", help="the shortened sweep")
+    bench.add_argument("--json", default=None, help="write the records to this JSON file")
+    bench.add_argument("--out", default=None, help="folder for the table, plot and JSON (default runs/bench-<suite>)")
+    bench.set_defaults(handler=_bench)
     return parser
 
 
@@ -61,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.handler(args)
-    except (RecipeError, FileNotFoundError) as error:
+    except (RecipeError, FileNotFoundError, ValueError) as error:
         print(f"accel: error: {error}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
