@@ -25,6 +25,12 @@ from samplers.schedules import OptimizedSchedule
 _GOLDEN = (math.sqrt(5) - 1) / 2
 
 
+def _start(denoiser, noise: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
+    """The first point of a walk from `noise`, s(sigma_0) * noise, as `samplers.sample` starts."""
+    _, scale = denoiser.alpha_sigma(sigmas[0].to(torch.float64))
+    return noise * float(scale)
+
+
 @dataclass
 class _Objective:
     """Calibration error of one schedule: MSE of the solver's samples against the reference."""
@@ -40,7 +46,8 @@ class _Objective:
     @torch.no_grad()
     def __call__(self, sigmas: torch.Tensor) -> float:
         self.calls += 1
-        core = self.spec.make_steps(self.noise, sigmas, self.denoiser.schedule, **self.solver_options)
+        core = self.spec.make_steps(_start(self.denoiser, self.noise, sigmas), sigmas, self.denoiser.schedule,
+                                    **self.solver_options)
         out = run_solver(core, self.denoiser, sigmas, order=self.spec.order, cond=self.cond)
         return float((out.double() - self.reference.double()).pow(2).mean())
 
@@ -105,7 +112,8 @@ def optimize_schedule(denoiser, solver: str, nfe: int, noise: torch.Tensor, *, c
         denoiser: a Denoiser (returns x0).
         solver: a name in SOLVERS.
         nfe: the model-evaluation budget; must be exactly reachable by the solver.
-        noise: (B, ...) calibration noise (a few samples suffice).
+        noise: (B, ...) standard normal calibration noise (a few samples suffice); walks start
+            from s(sigma_0) * noise, as `samplers.sample` does.
         cond: keyword conditioning for the calibration samples (e.g. labels (B,)).
         reference: (B, ...) the fine-step samples from `noise`; computed if None.
         reference_solver: solver for the reference when it is computed.
@@ -130,7 +138,8 @@ def optimize_schedule(denoiser, solver: str, nfe: int, noise: torch.Tensor, *, c
     if reference is None:
         fine = make_sigmas("auto", reference_steps, denoiser.schedule)
         ref_spec = get_solver(reference_solver)
-        reference = run_solver(ref_spec.make_steps(noise, fine, denoiser.schedule), denoiser, fine,
+        start = _start(denoiser, noise, fine)
+        reference = run_solver(ref_spec.make_steps(start, fine, denoiser.schedule), denoiser, fine,
                                order=ref_spec.order, cond=cond)
     objective = _Objective(denoiser, spec, noise, reference, cond, solver_options or {})
     initial = make_sigmas(initial_schedule, num_steps, denoiser.schedule, **(initial_options or {}))
