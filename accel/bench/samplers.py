@@ -1,0 +1,267 @@
+"""`accel bench samplers`: our solvers and schedules against diffusers' own schedulers, on both
+embedded models, at NFE 4, 6, 8, 10, 15 and 20.
+
+For each model (the flow model `flux-digits`, the epsilon UNet `unet-digits`) every configuration
+samples the same seeded noise and labels with classifier-free guidance. Quality is PSNR and SSIM
+against a 200-step Heun reference of the same seeds (our Heun on uniform t for the flow model, on
+Karras sigmas for the UNet), FD to real data in the judge's feature space and the judge's class
+accuracy. Our optimised schedules are calibrated on other seeds and saved next to the weights.
+
+    accel bench samplers --quick --json runs/samplers.json
+
+Outputs under out_dir: samplers.json (records, skipped configurations, target checks, settings),
+samplers.md (the tables), samplers.png (quality vs NFE) and samplers-records.jsonl, the finished
+records that a rerun skips. ACCEL_BENCH_FLUX_DIR / ACCEL_BENCH_UNET_DIR point at other weights.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from tqdm import tqdm
+
+import samplers
+from accel import measure
+from accel.bench import _samplers_report as report
+from accel.bench._samplers_diffusers import (DiffusersConfig, epsilon_configs, flow_configs, sample_diffusers,
+                                             steps_for_nfe)
+from accel.bench._samplers_models import BenchModel, epsilon_subject, flow_subject, sample_ours, sample_reference
+from accel.bench._samplers_optimized import Calibration, Calibrator
+from accel.embedded import FLUX_DIGITS_DIR, JudgeFeatures, load_flux_digits, load_judge
+from accel.embedded.data import real_reference_set
+from accel.embedded.unet import UNET_DIGITS_DIR, load_unet_digits
+from accel.generate import sample_noise
+
+NFES = (4, 6, 8, 10, 15, 20)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What one run sweeps and how many samples it measures.
+
+    Attributes:
+        samples: evaluation samples per configuration (labels cycle through the 10 classes).
+        seed: noise seed of the evaluation samples.
+        batch_size: samples per model call.
+        nfes: NFE budgets (model evaluations per guidance branch).
+        real_samples: real images for the FD statistics.
+        solvers: our solvers (None: all registered).
+        schedules: our named schedules (None: all of the model's family).
+        optimized: solvers that also get an optimised schedule (None: all swept solvers).
+        diffusers: diffusers settings as "Solver/schedule" (None: all).
+        calibration: the calibration set of the optimised schedules.
+    """
+
+    samples: int = 200
+    seed: int = 0
+    batch_size: int = 50
+    nfes: tuple[int, ...] = NFES
+    real_samples: int = 2000
+    solvers: tuple[str, ...] | None = None
+    schedules: tuple[str, ...] | None = None
+    optimized: tuple[str, ...] | None = None
+    diffusers: tuple[str, ...] | None = None
+    calibration: Calibration = field(default_factory=Calibration)
+
+
+FULL = Settings()
+QUICK = Settings(samples=40, batch_size=40, real_samples=1000,
+                 solvers=("euler", "heun", "dpmpp_2m", "dpmpp_3m", "unipc_bh2", "ipndm"),
+                 schedules=("flow", "flux", "flow_logsnr", "karras", "logsnr", "timestep"),
+                 optimized=("dpmpp_3m", "unipc_bh2"))
+
+
+@dataclass
+class Job:
+    """One configuration to measure: a record's identity, how to make its images (noise, labels) and
+    what to prepare untimed before (an optimised schedule's calibration)."""
+
+    record: dict
+    make: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+    prepare: Callable[[], object] | None = None
+
+
+def _our_jobs(subject: BenchModel, settings: Settings, calibrator: Calibrator,
+              skipped: list[str]) -> list[Job]:
+    jobs = []
+    solvers = settings.solvers or tuple(samplers.SOLVERS)
+    optimized = settings.optimized if settings.optimized is not None else solvers
+    for solver in solvers:
+        spec = samplers.get_solver(solver)
+        schedules = [(name, options) for name, options in subject.schedules.items()
+                     if settings.schedules is None or name in settings.schedules]
+        schedules += [("optimized", None)] if solver in optimized else []
+        for nfe in settings.nfes:
+            try:
+                spec.steps_for_nfe(nfe)
+            except ValueError as error:
+                skipped.append(f"{subject.name} accel {solver} NFE {nfe}: {error}")
+                continue
+            for schedule, options in schedules:
+                prepare = None if options is not None else (lambda s=solver, n=nfe: calibrator.get(s, n))
+
+                def make(noise, labels, solver=solver, nfe=nfe, schedule=schedule, options=options):
+                    if options is None:
+                        options = {"path": str(calibrator.get(solver, nfe)), "solver": solver}
+                    return sample_ours(subject, solver, nfe, schedule, options, noise, labels, settings.batch_size)
+                jobs.append(Job(_identity(subject, "accel", solver, schedule, nfe), make, prepare))
+    return jobs
+
+
+def _diffusers_jobs(subject: BenchModel, configs: list[DiffusersConfig], betas: dict | None,
+                    settings: Settings, skipped: list[str]) -> list[Job]:
+    jobs = []
+    for config in configs:
+        if settings.diffusers is not None and f"{config.solver}/{config.schedule}" not in settings.diffusers:
+            continue
+        for nfe in settings.nfes:
+            try:
+                steps_for_nfe(config, nfe, betas)
+            except ValueError as error:
+                skipped.append(f"{subject.name} diffusers {config.solver}/{config.schedule} NFE {nfe}: {error}")
+                continue
+
+            def make(noise, labels, config=config, nfe=nfe):
+                return sample_diffusers(config, subject, betas, nfe, noise, labels, settings.batch_size)
+            jobs.append(Job(_identity(subject, "diffusers", config.solver, config.schedule, nfe), make))
+    return jobs
+
+
+def _identity(subject: BenchModel, origin: str, solver: str, schedule: str, nfe: int) -> dict:
+    return {"model": subject.name, "solver": solver, "schedule": schedule, "nfe": nfe, "origin": origin}
+
+
+class Evaluator:
+    """PSNR / SSIM against the reference, FD to real data and the judge's accuracy."""
+
+    def __init__(self, real_samples: int, resolution: int = 16):
+        self.judge = load_judge()
+        real, _ = real_reference_set(real_samples, resolution)
+        self.fd = measure.FrechetDistance(JudgeFeatures(self.judge), measure.to_unit_range(real))
+
+    def __call__(self, images: torch.Tensor, reference: torch.Tensor, labels: torch.Tensor) -> dict:
+        unit, unit_ref = measure.to_unit_range(images), measure.to_unit_range(reference)
+        return {"psnr": measure.psnr(unit, unit_ref), "ssim": measure.ssim(unit, unit_ref),
+                "fd": self.fd(unit), "accuracy": measure.class_accuracy(self.judge, unit, labels)}
+
+
+def _signature(subject: BenchModel, settings: Settings) -> str:
+    return (f"{subject.fingerprint}:g{subject.guidance}:n{settings.samples}:s{settings.seed}:"
+            f"{subject.reference.describe()}")
+
+
+def _reference(subject: BenchModel, settings: Settings, noise: torch.Tensor, labels: torch.Tensor,
+               out_dir: Path) -> torch.Tensor:
+    """The reference images, cached in out_dir under the run's signature."""
+    name = _signature(subject, settings).split(":")[0]
+    path = out_dir / f"reference-{subject.name}-{name}-n{settings.samples}-s{settings.seed}.pt"
+    if path.is_file():
+        return torch.load(path)
+    start = time.perf_counter()
+    images = sample_reference(subject, noise, labels, settings.batch_size)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.save(images, path)
+    print(f"{subject.name}: reference {subject.reference.describe()} in {time.perf_counter() - start:.0f} s")
+    return images
+
+
+def bench_model(subject: BenchModel, configs: list[DiffusersConfig], betas: dict | None, settings: Settings,
+                evaluate: Evaluator, store: report.RecordStore, out_dir: Path,
+                skipped: list[str]) -> list[dict]:
+    """Measures every configuration of one model (reusing finished records); returns the records."""
+    labels = torch.arange(settings.samples) % 10
+    noise = sample_noise(settings.seed, range(settings.samples), subject.shape)
+    calibrator = Calibrator(subject, settings.calibration, log=tqdm.write)
+    jobs = _our_jobs(subject, settings, calibrator, skipped) + _diffusers_jobs(subject, configs, betas,
+                                                                               settings, skipped)
+    signature = _signature(subject, settings)
+    reference = None
+    records = []
+    for job in tqdm(jobs, desc=f"bench samplers {subject.name}", unit="config"):
+        done = store.get(signature, report.record_key(job.record))
+        if done is not None:
+            records.append(done)
+            continue
+        if reference is None:
+            reference = _reference(subject, settings, noise, labels, out_dir)
+        if job.prepare is not None:
+            job.prepare()
+        start = time.perf_counter()
+        images = job.make(noise, labels)
+        seconds = time.perf_counter() - start
+        record = {**job.record, **evaluate(images, reference, labels), "seconds": round(seconds, 2),
+                  "samples": settings.samples, "guidance": subject.guidance, "signature": signature}
+        store.add(record)
+        records.append(record)
+    return records
+
+
+def load_subjects() -> list[tuple[BenchModel, list[DiffusersConfig], dict | None]]:
+    """The two embedded models (trained weights, or the folders named by the environment)."""
+    flux_dir = Path(os.environ.get("ACCEL_BENCH_FLUX_DIR", FLUX_DIGITS_DIR))
+    unet_dir = Path(os.environ.get("ACCEL_BENCH_UNET_DIR", UNET_DIGITS_DIR))
+    unet = load_unet_digits(unet_dir)
+    return [(flow_subject(load_flux_digits(flux_dir), flux_dir), flow_configs(), None),
+            (epsilon_subject(unet, unet_dir), epsilon_configs(), dict(unet.betas))]
+
+
+def write_outputs(records: list[dict], skipped: list[str], settings: Settings, subjects: list[BenchModel],
+                  seconds: float, json_path: Path | None, out_dir: Path) -> dict:
+    """Prints the tables and target checks; writes samplers.json (and json_path), .md and .png."""
+    records = report.sort_records(records)
+    best, targets = report.best_per_nfe(records), report.check_targets(records)
+    print("\nBest per NFE and origin (by PSNR):\n" + report.text_table(best))
+    print("\nAll configurations:\n" + report.text_table(records))
+    if skipped:
+        print(f"\nSkipped {len(skipped)} configurations that cannot meet an NFE exactly:\n  " + "\n  ".join(skipped))
+    print("\nTargets (NFE 6 and 8, our best vs diffusers' best):\n" + report.format_targets(targets))
+    print(f"\nTime taken: {seconds / 60:.1f} min")
+    summary = {
+        "records": [{k: v for k, v in r.items() if k != "signature"} for r in records],
+        "targets": targets, "skipped": skipped, "seconds": round(seconds, 1),
+        "settings": {**asdict(settings), "models": {s.name: {"guidance": s.guidance, "weights": str(s.weights_dir),
+                                                              "reference": s.reference.describe(),
+                                                              "fingerprint": s.fingerprint} for s in subjects}},
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for path in [out_dir / "samplers.json"] + ([json_path] if json_path else []):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(summary, indent=2))
+    (out_dir / "samplers.md").write_text(
+        f"## Best per NFE and origin\n\n{report.markdown_table(best)}\n\n## All\n\n"
+        f"{report.markdown_table(records)}\n\n## Targets\n\n{report.format_targets(targets)}\n")
+    report.plot(records, out_dir / "samplers.png")
+    print(f"wrote {out_dir / 'samplers.json'}, samplers.md, samplers.png" + (f" and {json_path}" if json_path else ""))
+    return summary
+
+
+def run(quick: bool, json_path: Path | None, out_dir: Path, settings: Settings | None = None,
+        subjects: list | None = None) -> list[dict]:
+    """Runs the benchmark (see the module docstring); returns the records.
+
+    Args:
+        quick: the shortened sweep (QUICK) instead of the full one (FULL).
+        json_path: also write the JSON summary here.
+        out_dir: folder for the outputs and the resumable records.
+        settings: overrides the preset (tests).
+        subjects: overrides the models, as (BenchModel, diffusers configs, betas) triples (tests).
+    """
+    settings = settings or (QUICK if quick else FULL)
+    start = time.perf_counter()
+    subjects = subjects if subjects is not None else load_subjects()
+    evaluate = Evaluator(settings.real_samples)
+    store = report.RecordStore(Path(out_dir) / "samplers-records.jsonl")
+    records, skipped = [], []
+    for subject, configs, betas in subjects:
+        records += bench_model(subject, configs, betas, settings, evaluate, store, Path(out_dir), skipped)
+    write_outputs(records, skipped, settings, [s for s, _, _ in subjects], time.perf_counter() - start,
+                  json_path, Path(out_dir))
+    return [{k: v for k, v in r.items() if k != "signature"} for r in records]
+
+
