@@ -129,6 +129,14 @@ Rule = Callable[[Stack, RunInfo], Decision]
 # ---------------------------------------------------------------------------------------- rules
 
 
+def steps_match_run(stack: Stack, run: RunInfo) -> Decision:
+    """The run takes the stack's step count: every other rule converts for that count."""
+    if run.num_steps != stack.sampler.steps:
+        raise StackError(f"sampler.steps={stack.sampler.steps} but the run takes {run.num_steps} steps; set "
+                         f"sampler.steps={run.num_steps} or resolve for the steps that run")
+    return stack, []
+
+
 def prediction_fits_solver(stack: Stack, run: RunInfo) -> Decision:
     """The model's prediction type and noise family must fit the solver and the schedule."""
     sampler = stack.sampler
@@ -189,7 +197,7 @@ def adapters_trained_for(stack: Stack, run: RunInfo) -> Decision:
             raise StackError(f"adapter {adapter.path} was trained for {wanted}, but the sampler/cache give {have}; "
                              f"set {', '.join(f'{k}={trained[k]}' for k in mismatched)} or use an adapter "
                              "trained for this stack")
-        lines.append(f"adapter-trained-for: {Path(adapter.path).name} trained for {wanted} -> matches")
+        lines.append(f"adapter-trained-for: {adapter_file(adapter.path).name} trained for {wanted} -> matches")
     return stack, lines
 
 
@@ -204,7 +212,7 @@ def adapters_fuse_then_calibrate(stack: Stack, run: RunInfo) -> Decision:
     if len(fused) > 1:
         raise StackError("adapters: some have fuse=true and some fuse=false, but PEFT skips unfused adapters "
                          "once any adapter of a layer is fused; set the same fuse for all adapters")
-    names = ", ".join(Path(a.path).name for a in stack.adapters)
+    names = ", ".join(adapter_file(a.path).name for a in stack.adapters)
     action = "fuse" if stack.adapters[0].fuse else "activate"
     if stack.cache is None:
         return stack, [f"adapter-order: load {names} -> {action}"]
@@ -333,7 +341,7 @@ def trajectory_fractions(stack: Stack, run: RunInfo) -> Decision:
 
 
 RULES: tuple[Rule, ...] = (
-    prediction_fits_solver, adapters_trained_for, adapters_fuse_then_calibrate, guidance_distilled,
+    steps_match_run, prediction_fits_solver, adapters_trained_for, adapters_fuse_then_calibrate, guidance_distilled,
     guidance_branches, scope_fits_model, step_reuse_needs_steps, multistep_needs_forecast, trajectory_fractions,
 )
 
