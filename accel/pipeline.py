@@ -29,7 +29,6 @@ import inspect
 import logging
 import weakref
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch

@@ -64,7 +64,8 @@ def _pixart():
 
 
 def _wan():
-    pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=None, scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+    pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=None,
+                       scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
                        transformer=tiny_model("WanTransformer3DModel").model)
     return pipe, dict(prompt_embeds=_embeds(1, 3, 16), negative_prompt_embeds=_embeds(1, 3, 16, seed=1),
                       height=32, width=32, num_frames=5, guidance_scale=2.0)
@@ -239,14 +240,15 @@ def test_apply_takes_a_recipe_once_and_remove_without_apply_warns(tmp_path, capl
     tiny = _load("sd3", tmp_path)
     recipe = OmegaConf.structured(Recipe())
     recipe.sampler.solver, recipe.sampler.steps, recipe.sampler.schedule = "dpmpp_2m", 6, "sd3"
-    recipe.guidance.scale = 2.0
+    recipe.cache.preset, recipe.guidance.scale = "fora", 2.0
     resolved = accel.apply(tiny.pipe, recipe)
     assert resolved.stack.sampler == SamplerPlan("dpmpp_2m", 6, "sd3") and tiny.pipe.scheduler.schedule_name == "sd3"
+    assert resolved.stack.cache == CachePlan("fora", {"update": "taylor", "order": 1})
     with pytest.raises(StackError, match="already has a stack applied"):
         accel.apply(tiny.pipe, recipe)
     with caplog.at_level(logging.WARNING, logger="accel"):
         tiny(8)
-    assert "resolved for 6 steps but the pipeline runs 8" not in caplog.text  # no cache: no branch hook
+    assert "the stack was resolved for 6 steps but the pipeline runs 8" in caplog.text
     accel.remove(tiny.pipe)
     with caplog.at_level(logging.WARNING, logger="accel"):
         accel.remove(tiny.pipe)
