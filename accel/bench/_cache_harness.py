@@ -1,0 +1,242 @@
+"""Measuring one cache configuration for `accel bench caches`, and resuming finished ones.
+
+All configurations run on one loaded embedded model with the same seeds. A configuration is
+applied, its whole generation (every sample) runs under torch's FLOP counter, a batch of fixed
+size is then timed (one warm-up, median of repeats), and the cache is removed; the bare model's
+output on a fixed probe input must then be bitwise what it was before anything was applied (else
+the model is reloaded and the record says so). Finished records are appended to a JSONL file
+with a fingerprint of the settings and weights, so a rerun skips them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from omegaconf import OmegaConf
+
+from accel import measure
+from accel.bench._cache_origins import Adapter, Variant, diffusers_mag_ratios, make_adapter
+from accel.embedded import load_flux_digits
+from accel.generate import SamplingPlan, flux_digits_denoiser, generate, sample_noise
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What one benchmark run generates and how it measures.
+
+    Attributes:
+        model_dir: the FluxDigits folder (transformer/ + conditioner/).
+        classes: class labels generated.
+        samples_per_class: samples per class (all share one batch).
+        seed: noise seed of the evaluated samples.
+        calibration_seed: noise seed of the calibration runs (never the evaluated samples).
+        calibration_samples: samples in a calibration run (one generation).
+        guidance: classifier-free guidance scale.
+        reference_steps: Euler steps of the full-compute reference (and of every cache).
+        timing_batch: samples in the timed batch (the first ones, the same for every config).
+        timing_repeats: timed repeats after one warm-up; the median is reported.
+        real_samples: real images for the Frechet distance.
+        metrics: quality metrics to compute.
+    """
+
+    model_dir: str
+    classes: tuple[int, ...] = tuple(range(10))
+    samples_per_class: int = 4
+    seed: int = 0
+    calibration_seed: int = 90_210
+    calibration_samples: int = 10
+    guidance: float = 4.0
+    reference_steps: int = 50
+    timing_batch: int = 20
+    timing_repeats: int = 3
+    real_samples: int = 2000
+    metrics: tuple[str, ...] = ("psnr", "ssim", "fd", "accuracy")
+
+    def fingerprint(self, model_hash: str) -> str:
+        """Hash of the settings and the weights: records of another fingerprint are not reused."""
+        payload = json.dumps({**asdict(self), "model": model_hash}, sort_keys=True)
+        return hashlib.sha1(payload.encode()).hexdigest()[:12]
+
+
+def model_hash(model) -> str:
+    """Short hash of the transformer's and conditioner's weights."""
+    digest = hashlib.sha1()
+    for module in (model.transformer, model.conditioner):
+        for name, tensor in sorted(module.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:12]
+
+
+class _Wrapped:
+    """The model with each transformer call passed through an adapter (for diffusers' contexts)."""
+
+    def __init__(self, model, adapter: Adapter) -> None:
+        self.model, self.adapter = model, adapter
+
+    def velocity(self, x: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self.adapter.call(self.model.transformer, lambda: self.model.velocity(x, t, labels))
+
+
+class Bench:
+    """The loaded model, inputs, reference and judge of one run.
+
+    Args:
+        settings: what to generate and measure.
+        evaluator: optional replacement for accel.run.Evaluator (tests use a cheaper one).
+    """
+
+    def __init__(self, settings: Settings, evaluator=None) -> None:
+        self.settings = settings
+        self.model = load_flux_digits(settings.model_dir)
+        self.hash = model_hash(self.model)
+        self.fingerprint = settings.fingerprint(self.hash)
+        labels = torch.tensor(settings.classes).repeat_interleave(settings.samples_per_class)
+        self.labels = labels
+        self.noise = sample_noise(settings.seed, range(len(labels)), (1, 16, 16))
+        self.evaluate = evaluator or _evaluator(settings, labels)
+        self.calibrations: dict[str, dict] = {}
+        self.reference: dict | None = None
+        self.reference_images: torch.Tensor | None = None
+        self._probe = self._probe_inputs()
+        self._bare = self._probe_output()
+        self._layout = _module_layout(self.model.transformer)
+
+    def _probe_inputs(self):
+        generator = torch.Generator().manual_seed(12345)
+        x = torch.randn(2, 1, 16, 16, generator=generator)
+        return x, torch.tensor([0.7, 0.3]), torch.tensor([3, 10])
+
+    def _probe_output(self) -> torch.Tensor:
+        with torch.no_grad():
+            return self.model.velocity(*self._probe)
+
+    def is_bare(self) -> bool:
+        """True when the bare model computes bitwise what it computed before any cache and every
+        module's attributes are as they were (no patched forward or hook registry left)."""
+        return (torch.equal(self._probe_output(), self._bare)
+                and _module_layout(self.model.transformer) == self._layout)
+
+    def generate(self, adapter: Adapter, steps: int, count: int | None = None) -> torch.Tensor:
+        """Images (N, 1, 16, 16) in [-1, 1] of the first `count` samples (all by default)."""
+        count = len(self.labels) if count is None else count
+        denoiser = flux_digits_denoiser(_Wrapped(self.model, adapter), self.settings.guidance)
+        return generate(denoiser, SamplingPlan("euler", steps), self.noise[:count], self.labels[:count],
+                        count, before_generation=lambda: adapter.before_generation(steps))
+
+    def calibration_run(self, adapter: Adapter) -> None:
+        """One full-step generation on the calibration seeds (never the evaluated ones)."""
+        s = self.settings
+        labels = torch.tensor(s.classes).repeat(s.calibration_samples // len(s.classes) + 1)
+        labels = labels[:s.calibration_samples]
+        noise = sample_noise(s.calibration_seed, range(len(labels)), (1, 16, 16))
+        denoiser = flux_digits_denoiser(_Wrapped(self.model, adapter), s.guidance)
+        generate(denoiser, SamplingPlan("euler", s.reference_steps), noise, labels, len(labels),
+                 before_generation=lambda: adapter.before_generation(s.reference_steps))
+
+    def calibration(self, kind: str | None) -> dict:
+        """Calibrated parameters for a variant (computed once per run and kind)."""
+        if kind is None:
+            return {}
+        if kind not in self.calibrations:
+            self.calibrations[kind] = self._calibrate(kind)
+        return self.calibrations[kind]
+
+    def _calibrate(self, kind: str) -> dict:
+        from caching import calibrate_magcache, calibrate_teacache
+        bare = Adapter()
+        transformer = self.model.transformer
+        if kind == "teacache":
+            fitted = calibrate_teacache(transformer, lambda: self.calibration_run(bare))
+            return {"coefficients": list(fitted.coefficients)}
+        if kind == "magcache":
+            return {"ratios": list(calibrate_magcache(transformer, lambda: self.calibration_run(bare)).ratios)}
+        if kind == "diffusers-magcache":
+            return {"mag_ratios": diffusers_mag_ratios(transformer, self.calibration_run,
+                                                       self.settings.reference_steps)}
+        raise ValueError(f"unknown calibration {kind!r}")
+
+    def measure(self, variant: Variant) -> dict:
+        """Runs one configuration: counted generation, timing, removal check, quality."""
+        started = time.perf_counter()
+        steps = variant.steps or self.settings.reference_steps
+        adapter = make_adapter(variant, self.calibration(variant.calibrate))
+        adapter.apply(self.model.transformer, steps)
+        try:
+            images, flops = measure.count_flops(lambda: self.generate(adapter, steps))
+            batch = min(self.settings.timing_batch, len(self.labels))
+            wall = measure.time_median(lambda: self.generate(adapter, steps, batch),
+                                       repeats=self.settings.timing_repeats, warmup=1)
+            extra = _accel_stats(adapter)
+        finally:
+            adapter.remove(self.model.transformer)
+        restored = self.is_bare()
+        if not restored:  # e.g. cache-dit keeps its patched forward, diffusers its hook registries
+            self.model = load_flux_digits(self.settings.model_dir)
+            if not self.is_bare():
+                raise RuntimeError(f"reloading the model after {variant.key} did not restore it")
+        return self._record(variant, steps, images, flops, wall, restored, extra, started)
+
+    def _record(self, variant: Variant, steps: int, images, flops: int, wall: float, restored: bool,
+                extra: dict, started: float) -> dict:
+        if variant.method == "reference":
+            self.reference_images = images
+        reference = self.reference or {"flops": flops, "wall_seconds": wall}
+        record = {"method": variant.method, "params": variant.params, "origin": variant.origin,
+                  "steps": steps, "flops_speedup": reference["flops"] / flops,
+                  "wall_speedup": reference["wall_seconds"] / wall}
+        record.update(self.evaluate(images, self.reference_images))
+        record.update({"flops": flops, "wall_seconds": wall, "restored": restored, **extra,
+                       "key": variant.key, "fingerprint": self.fingerprint,
+                       "seconds": time.perf_counter() - started})
+        return record
+
+
+def _module_layout(module: torch.nn.Module) -> tuple:
+    """Every submodule's attribute names (a patched forward or hook registry shows up here)."""
+    return tuple((name, tuple(sorted(vars(sub)))) for name, sub in module.named_modules())
+
+
+def _accel_stats(adapter: Adapter) -> dict:
+    handle = getattr(adapter, "handle", None)
+    run = handle.stats.last_run() if handle is not None else None
+    if run is None:
+        return {}
+    return {"cache_flops_speedup": run.flops_speedup, "steps_computed": run.steps_computed("cond")}
+
+
+def _evaluator(settings: Settings, labels: torch.Tensor):
+    from accel.run import Evaluator
+    recipe = OmegaConf.create({"eval": {"metrics": list(settings.metrics), "real_samples": settings.real_samples},
+                               "inputs": {"resolution": 16}})
+    return Evaluator(recipe, labels)
+
+
+class Journal:
+    """Finished records of one run (JSONL, one record a line), keyed by variant and fingerprint.
+
+    Args:
+        path: the JSONL file (created on the first record).
+        fingerprint: records with another fingerprint are ignored.
+    """
+
+    def __init__(self, path: Path, fingerprint: str) -> None:
+        self.path, self.fingerprint = path, fingerprint
+        self.done: dict[str, dict] = {}
+        if path.is_file():
+            for line in path.read_text().splitlines():
+                record = json.loads(line) if line.strip() else None
+                if record and record.get("fingerprint") == fingerprint:
+                    self.done[record["key"]] = record
+
+    def add(self, record: dict) -> None:
+        """Appends a finished record."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a") as handle:
+            handle.write(json.dumps(record) + "\n")
+        self.done[record["key"]] = record
