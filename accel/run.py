@@ -9,10 +9,14 @@ from pathlib import Path
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from tqdm import tqdm
+
 from accel import measure
+from accel.distributed import batch_slices, is_main_process, map_batches, process_state, wait_for_everyone
 from accel.embedded import JudgeFeatures, load_flux_digits, load_judge
 from accel.embedded.data import real_reference_set
 from accel.generate import SamplingPlan, flux_digits_denoiser, generate, sample_noise
+from accel.native import installed_cache, plan_of, resolve_recipe
 from accel.recipe import to_yaml
 from accel.report import format_table, markdown_table, save_grid
 
@@ -70,17 +74,41 @@ class Evaluator:
         return result
 
 
+def _generate_counted(denoiser, plan: SamplingPlan, inputs: Inputs, recipe: DictConfig,
+                      label: str) -> tuple[torch.Tensor, int]:
+    """Generates every sample, batch by batch across processes, each batch under the FLOP counter."""
+    device = recipe.model.device
+    slices = batch_slices(len(inputs.labels), recipe.inputs.batch_size)
+    progress = tqdm(total=len(slices), desc=label, leave=False, disable=not is_main_process())
+
+    def work(piece: slice) -> tuple[torch.Tensor, int]:
+        images, flops = measure.count_flops(lambda: generate(
+            denoiser, plan, inputs.noise[piece], inputs.labels[piece], recipe.inputs.batch_size,
+            device=device))
+        progress.update(1)
+        return images, flops
+
+    results = map_batches(work, slices)
+    progress.close()
+    return torch.cat([images for images, _ in results]), sum(flops for _, flops in results)
+
+
 def measure_plan(label: str, kind: str, plan: SamplingPlan, denoiser, inputs: Inputs,
                  recipe: DictConfig) -> tuple[dict, torch.Tensor]:
-    """Generates all samples under the FLOP counter, then times a batch; returns (record, images)."""
+    """Generates all samples under the FLOP counter, then times a batch; returns (record, images).
+
+    Wall-clock is the median of `eval.timing_repeats` timed generations of the first
+    `eval.timing_batch` samples after one warm-up, measured on the main process.
+    """
     device = recipe.model.device
-    images, flops = measure.count_flops(lambda: generate(
-        denoiser, plan, inputs.noise, inputs.labels, recipe.inputs.batch_size, device=device, desc=label))
-    timing = slice(0, recipe.eval.timing_batch)
-    wall = measure.time_median(
-        lambda: generate(denoiser, plan, inputs.noise[timing], inputs.labels[timing],
-                         recipe.eval.timing_batch, device=device),
-        repeats=recipe.eval.timing_repeats, warmup=1, device=device)
+    images, flops = _generate_counted(denoiser, plan, inputs, recipe, label)
+    wall = float("nan")
+    if is_main_process():
+        timing = slice(0, recipe.eval.timing_batch)
+        wall = measure.time_median(
+            lambda: generate(denoiser, plan, inputs.noise[timing], inputs.labels[timing],
+                             recipe.eval.timing_batch, device=device),
+            repeats=recipe.eval.timing_repeats, warmup=1, device=device)
     record = {
         "label": label, "kind": kind, "solver": plan.solver, "steps": plan.steps,
         "schedule": plan.schedule, "schedule_params": plan.schedule_params,
@@ -91,26 +119,37 @@ def measure_plan(label: str, kind: str, plan: SamplingPlan, denoiser, inputs: In
     return record, images
 
 
-def run_recipe(recipe: DictConfig) -> dict:
-    """Runs the reference and the configured stack, writes the outputs, returns the summary."""
+def run_recipe(recipe: DictConfig) -> dict | None:
+    """Runs the reference and the configured stack, writes the outputs, returns the summary.
+
+    Under `accelerate launch` the batches are split across processes; the main process
+    measures, writes and returns the summary, the others return None.
+    """
     torch.manual_seed(recipe.inputs.seed)
     model = load_embedded_model(recipe.model.name, recipe.model.device)
     denoiser = flux_digits_denoiser(model, recipe.guidance.scale)
     inputs = build_inputs(recipe)
-    evaluate = Evaluator(recipe, inputs.labels)
+    resolved = resolve_recipe(recipe, model)
+    if is_main_process():
+        print(resolved.describe(), flush=True)
     reference, ref_images = measure_plan("reference", "reference", plan_from(recipe.eval.reference),
                                          denoiser, inputs, recipe)
-    configured, run_images = measure_plan(recipe.name, "run", plan_from(recipe.sampler),
-                                          denoiser, inputs, recipe)
-    records = []
-    for record, images in ((reference, ref_images), (configured, run_images)):
-        record.update(evaluate(images, ref_images))
-        record["flops_speedup"] = reference["flops"] / record["flops"]
-        record["wall_speedup"] = reference["wall_seconds"] / record["wall_seconds"]
-        records.append(record)
-    summary = {"name": recipe.name, "runs": records,
-               "recipe": OmegaConf.to_container(recipe, resolve=True)}
-    write_outputs(recipe, summary, ref_images, run_images, inputs.labels)
+    with installed_cache(model, resolved, denoiser, recipe) as cache:
+        configured, run_images = measure_plan(recipe.name, "run", plan_of(resolved), denoiser, inputs, recipe)
+        if cache is not None:
+            configured["cache_last_generation"] = cache.stats.last_run().to_dict()
+    summary = None
+    if is_main_process():
+        evaluate = Evaluator(recipe, inputs.labels)
+        for record, images in ((reference, ref_images), (configured, run_images)):
+            record.update(evaluate(images, ref_images))
+            record["flops_speedup"] = reference["flops"] / record["flops"]
+            record["wall_speedup"] = reference["wall_seconds"] / record["wall_seconds"]
+        summary = {"name": recipe.name, "num_processes": process_state().num_processes,
+                   "runs": [reference, configured], "stack": resolved.to_dict(),
+                   "recipe": OmegaConf.to_container(recipe, resolve=True)}
+        write_outputs(recipe, summary, ref_images, run_images, inputs.labels)
+    wait_for_everyone()
     return summary
 
 
@@ -126,6 +165,7 @@ def write_outputs(recipe: DictConfig, summary: dict, ref_images: torch.Tensor,
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "summary.json").write_text(json.dumps(summary, indent=2))
     (folder / "recipe.yaml").write_text(to_yaml(recipe))
+    (folder / "stack.json").write_text(json.dumps(summary["stack"], indent=2, default=str))
     picked = _first_per_class(labels[:, None].float(), labels)[:, 0].long()
     save_grid([measure.to_unit_range(_first_per_class(ref_images, labels)),
                measure.to_unit_range(_first_per_class(run_images, labels))],
@@ -135,7 +175,8 @@ def write_outputs(recipe: DictConfig, summary: dict, ref_images: torch.Tensor,
     (folder / "report.md").write_text(
         f"# {recipe.name}\n\n"
         f"Reference: {plan_from(recipe.eval.reference).describe()}; run: "
-        f"{plan_from(recipe.sampler).describe()}; guidance {recipe.guidance.scale}, "
+        f"{plan_from(recipe.sampler).describe()}, cache {summary['stack']['cache_policy'] or 'none'}; "
+        f"guidance {recipe.guidance.scale}, "
         f"{len(labels)} samples, same seeds.\n\n"
         f"{markdown_table(summary['runs'])}\n\n![reference vs run](grid.png)\n\n"
         f"## Resolved recipe\n\n```yaml\n{to_yaml(recipe)}```\n")

@@ -45,3 +45,49 @@ def test_accel_run_end_to_end_writes_summary_report_and_grid(tmp_path, capsys):
     assert (folder / "grid.png").stat().st_size > 1000
     assert "| reference |" in (folder / "report.md").read_text()
     assert "speedup (FLOPs)" in capsys.readouterr().out
+
+
+def test_accelerate_launch_with_two_processes_gives_the_single_process_summary(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    model_dir = tmp_path / "model"
+    build_flux_digits(seed=2).save_pretrained(model_dir)
+    common = [f"model.name={model_dir}", *SHORT, "inputs.samples_per_class=3"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    single = main(["run", f"output.dir={tmp_path / 'one'}", "name=split", *common])
+    assert single == 0
+    launched = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
+         "--mixed_precision", "no", "--dynamo_backend", "no", "--cpu", "-m", "accel", "run",
+         f"output.dir={tmp_path / 'two'}", "name=split", *common],
+        env=env, capture_output=True, text=True, timeout=300)
+    assert launched.returncode == 0, launched.stderr[-2000:]
+    one = json.loads((tmp_path / "one" / "split" / "summary.json").read_text())
+    two = json.loads((tmp_path / "two" / "split" / "summary.json").read_text())
+    assert one["num_processes"] == 1 and two["num_processes"] == 2
+    timing_free = ("wall_seconds", "wall_speedup", "peak_memory_mb")
+    for a, b in zip(one["runs"], two["runs"]):
+        assert {k: v for k, v in a.items() if k not in timing_free} == \
+               {k: v for k, v in b.items() if k not in timing_free}
+
+
+def test_accel_run_with_a_cache_preset_counts_fewer_flops_and_saves_the_resolved_stack(tmp_path):
+    model_dir = tmp_path / "model"
+    build_flux_digits(seed=1).save_pretrained(model_dir)
+    overrides = [f"model.name={model_dir}", f"output.dir={tmp_path / 'runs'}", "name=cached", *SHORT,
+                 "sampler.steps=8", "eval.reference.steps=8", "cache.preset=fora", "cache.params={interval: 2}"]
+    assert main(["run", *overrides]) == 0
+    summary = json.loads((tmp_path / "runs" / "cached" / "summary.json").read_text())
+    reference, run = summary["runs"]
+    assert run["nfe"] == reference["nfe"] == 16
+    assert run["flops"] < 0.8 * reference["flops"]
+    assert summary["stack"]["stack"]["cache"]["preset"] == "fora"
+    assert any(line.startswith("guidance-branches: cond and uncond are separate calls") for line in summary["stack"]["decisions"])
+    assert (tmp_path / "runs" / "cached" / "stack.json").is_file()
+
+
+def test_unknown_cache_preset_is_a_recipe_error(capsys):
+    assert main(["run", "cache.preset=warpcache"]) == 2
+    assert "cache.preset: 'warpcache' is not allowed; choose one of:" in capsys.readouterr().err

@@ -127,15 +127,16 @@ def plot(records: Sequence[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     models = sorted({r["model"] for r in records})
-    fig, axes = plt.subplots(len(models), 2, figsize=(15, 5.5 * len(models)), squeeze=False)
+    fig, axes = plt.subplots(len(models), 2, figsize=(17, 5.5 * len(models)), squeeze=False)
     for row, model in enumerate(models):
         lines: dict[tuple, list[dict]] = {}
         for record in records:
             if record["model"] == model:
                 lines.setdefault((record["origin"], record["solver"], record["schedule"]), []).append(record)
-        for (origin, solver, schedule), points in sorted(lines.items()):
+        for index, ((origin, solver, schedule), points) in enumerate(sorted(lines.items())):
             points = sorted(points, key=lambda r: r["nfe"])
             style = dict(linestyle="--" if origin == "diffusers" else "-", marker="o", markersize=3,
+                         color=plt.cm.tab20(index % 20) if index < 20 else plt.cm.tab20b(index % 20),
                          linewidth=1.0, label=f"{'diffusers ' if origin == 'diffusers' else ''}{solver}/{schedule}")
             for column, metric in enumerate(("psnr", "fd")):
                 axes[row][column].plot([p["nfe"] for p in points], [p[metric] for p in points], **style)
@@ -143,6 +144,7 @@ def plot(records: Sequence[dict], path: Path) -> None:
                                         "FD to real data (lower is better)")):
             axes[row][column].set_title(f"{model}: {title}", fontsize=10)
             axes[row][column].set_xlabel("NFE (per guidance branch)")
+            axes[row][column].set_xticks(sorted({r["nfe"] for r in records}))
             axes[row][column].grid(alpha=0.3)
         axes[row][1].set_yscale("log")
         axes[row][1].legend(fontsize=6, ncol=2, loc="upper left", bbox_to_anchor=(1.01, 1.0))

@@ -71,6 +71,19 @@ def _check_adapters(adapters) -> None:
             raise RecipeError(f"adapters[{index}].path: file not found: {adapter.path!r}")
 
 
+def _check_cache(cache: DictConfig) -> None:
+    if cache.preset is None:
+        return
+    import caching
+    from omegaconf import OmegaConf
+
+    _choice("cache.preset", cache.preset, caching.list_presets())
+    try:
+        caching.get_preset(cache.preset, **OmegaConf.to_container(cache.params))
+    except (TypeError, ValueError) as error:
+        raise RecipeError(f"cache.params: {error}".splitlines()[0]) from None
+
+
 def validate_recipe(recipe: DictConfig) -> None:
     """Raises RecipeError for the first value outside what the project supports."""
     if not recipe.name or "/" in recipe.name:
@@ -84,5 +97,4 @@ def validate_recipe(recipe: DictConfig) -> None:
         raise RecipeError(f"guidance.scale: {recipe.guidance.scale} must be >= 1 (1 disables CFG)")
     if recipe.guidance.distilled and recipe.guidance.scale != 1.0:
         raise RecipeError("guidance.scale: a guidance-distilled model has no uncond pass; set guidance.scale=1")
-    if recipe.cache.preset is not None:
-        raise RecipeError(f"cache.preset: {recipe.cache.preset!r}: caching is not available yet; use null")
+    _check_cache(recipe.cache)
