@@ -3,120 +3,18 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from tqdm import tqdm
-
 from accel import measure
-from accel.distributed import batch_slices, is_main_process, map_batches, process_state, wait_for_everyone
-from accel.embedded import JudgeFeatures, load_flux_digits, load_judge
-from accel.embedded.data import real_reference_set
-from accel.generate import SamplingPlan, flux_digits_denoiser, generate, sample_noise
-from accel.native import installed_cache, plan_of, resolve_recipe
+from accel.distributed import is_main_process, process_state, wait_for_everyone
+from accel.execute import (Evaluator, add_speedups, build_inputs, load_embedded_model, measure_plan, measure_stack,
+                           plan_from)
+from accel.generate import flux_digits_denoiser
 from accel.recipe import to_yaml
 from accel.report import format_table, markdown_table, save_grid
-
-
-@dataclass
-class Inputs:
-    """What every stack of one run generates: labels (N,) and initial noise (N, 1, H, W)."""
-
-    labels: torch.Tensor
-    noise: torch.Tensor
-
-
-def build_inputs(recipe: DictConfig) -> Inputs:
-    classes = torch.tensor(list(recipe.inputs.classes))
-    labels = classes.repeat_interleave(recipe.inputs.samples_per_class)
-    side = recipe.inputs.resolution
-    noise = sample_noise(recipe.inputs.seed, range(len(labels)), (1, side, side))
-    return Inputs(labels=labels, noise=noise)
-
-
-def load_embedded_model(name: str, device: str):
-    """The embedded model by name, or a FluxDigits-layout folder (transformer/ + conditioner/)."""
-    return load_flux_digits(device=device) if name == "flux-digits" else load_flux_digits(name, device=device)
-
-
-def plan_from(section: DictConfig) -> SamplingPlan:
-    return SamplingPlan(solver=section.solver, steps=section.steps, schedule=section.schedule,
-                        schedule_params=OmegaConf.to_container(section.schedule_params),
-                        solver_params=OmegaConf.to_container(section.solver_params))
-
-
-class Evaluator:
-    """Quality of generated images (N, 1, H, W) in [-1, 1] against the reference and real data."""
-
-    def __init__(self, recipe: DictConfig, labels: torch.Tensor):
-        self.metrics = list(recipe.eval.metrics)
-        self.labels = labels
-        self.judge = load_judge()
-        self.fd = None
-        if "fd" in self.metrics:
-            real, _ = real_reference_set(recipe.eval.real_samples, recipe.inputs.resolution)
-            self.fd = measure.FrechetDistance(JudgeFeatures(self.judge), measure.to_unit_range(real))
-
-    def __call__(self, images: torch.Tensor, reference: torch.Tensor) -> dict:
-        unit, unit_ref = measure.to_unit_range(images), measure.to_unit_range(reference)
-        result = {}
-        if "psnr" in self.metrics:
-            result["psnr"] = measure.psnr(unit, unit_ref)
-        if "ssim" in self.metrics:
-            result["ssim"] = measure.ssim(unit, unit_ref)
-        if self.fd is not None:
-            result["fd"] = self.fd(unit)
-        if "accuracy" in self.metrics:
-            result["accuracy"] = measure.class_accuracy(self.judge, unit, self.labels)
-        return result
-
-
-def _generate_counted(denoiser, plan: SamplingPlan, inputs: Inputs, recipe: DictConfig,
-                      label: str) -> tuple[torch.Tensor, int]:
-    """Generates every sample, batch by batch across processes, each batch under the FLOP counter."""
-    device = recipe.model.device
-    slices = batch_slices(len(inputs.labels), recipe.inputs.batch_size)
-    progress = tqdm(total=len(slices), desc=label, leave=False, disable=not is_main_process())
-
-    def work(piece: slice) -> tuple[torch.Tensor, int]:
-        images, flops = measure.count_flops(lambda: generate(
-            denoiser, plan, inputs.noise[piece], inputs.labels[piece], recipe.inputs.batch_size,
-            device=device))
-        progress.update(1)
-        return images, flops
-
-    results = map_batches(work, slices)
-    progress.close()
-    return torch.cat([images for images, _ in results]), sum(flops for _, flops in results)
-
-
-def measure_plan(label: str, kind: str, plan: SamplingPlan, denoiser, inputs: Inputs,
-                 recipe: DictConfig) -> tuple[dict, torch.Tensor]:
-    """Generates all samples under the FLOP counter, then times a batch; returns (record, images).
-
-    Wall-clock is the median of `eval.timing_repeats` timed generations of the first
-    `eval.timing_batch` samples after one warm-up, measured on the main process.
-    """
-    device = recipe.model.device
-    images, flops = _generate_counted(denoiser, plan, inputs, recipe, label)
-    wall = float("nan")
-    if is_main_process():
-        timing = slice(0, recipe.eval.timing_batch)
-        wall = measure.time_median(
-            lambda: generate(denoiser, plan, inputs.noise[timing], inputs.labels[timing],
-                             recipe.eval.timing_batch, device=device),
-            repeats=recipe.eval.timing_repeats, warmup=1, device=device)
-    record = {
-        "label": label, "kind": kind, "solver": plan.solver, "steps": plan.steps,
-        "schedule": plan.schedule, "schedule_params": plan.schedule_params,
-        "solver_params": plan.solver_params,
-        "nfe": plan.nfe(recipe.guidance.scale), "flops": flops, "tflops": flops / 1e12,
-        "wall_seconds": wall, "peak_memory_mb": measure.peak_memory_mb(device),
-    }
-    return record, images
 
 
 def run_recipe(recipe: DictConfig) -> dict | None:
@@ -129,24 +27,19 @@ def run_recipe(recipe: DictConfig) -> dict | None:
     model = load_embedded_model(recipe.model.name, recipe.model.device)
     denoiser = flux_digits_denoiser(model, recipe.guidance.scale)
     inputs = build_inputs(recipe)
-    resolved = resolve_recipe(recipe, model)
-    if is_main_process():
-        print(resolved.describe(), flush=True)
     reference, ref_images = measure_plan("reference", "reference", plan_from(recipe.eval.reference),
                                          denoiser, inputs, recipe)
-    with installed_cache(model, resolved, denoiser, recipe) as cache:
-        configured, run_images = measure_plan(recipe.name, "run", plan_of(resolved), denoiser, inputs, recipe)
-        if cache is not None:
-            configured["cache_last_generation"] = cache.stats.last_run().to_dict()
+    configured, run_images = measure_stack(recipe.name, recipe, model, denoiser, inputs)
+    configured["kind"] = "run"
+    stack = configured.pop("stack")
     summary = None
     if is_main_process():
+        print("\n".join(line for line in (stack["decisions"] or [])), flush=True)
         evaluate = Evaluator(recipe, inputs.labels)
         for record, images in ((reference, ref_images), (configured, run_images)):
-            record.update(evaluate(images, ref_images))
-            record["flops_speedup"] = reference["flops"] / record["flops"]
-            record["wall_speedup"] = reference["wall_seconds"] / record["wall_seconds"]
+            add_speedups(record, reference).update(evaluate(images, ref_images))
         summary = {"name": recipe.name, "num_processes": process_state().num_processes,
-                   "runs": [reference, configured], "stack": resolved.to_dict(),
+                   "runs": [reference, configured], "stack": stack,
                    "recipe": OmegaConf.to_container(recipe, resolve=True)}
         write_outputs(recipe, summary, ref_images, run_images, inputs.labels)
     wait_for_everyone()

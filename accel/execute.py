@@ -1,0 +1,133 @@
+"""Executing stacks on the embedded model: inputs, generation under the FLOP counter, timing,
+and quality. Shared by `accel run` and `accel ablate`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from tqdm import tqdm
+
+from accel import measure
+from accel.distributed import batch_slices, is_main_process, map_batches
+from accel.embedded import JudgeFeatures, load_flux_digits, load_judge
+from accel.embedded.data import real_reference_set
+from accel.generate import SamplingPlan, generate, sample_noise
+from accel.native import installed_cache, plan_of, resolve_recipe
+
+
+@dataclass
+class Inputs:
+    """What every stack of one run generates: labels (N,) and initial noise (N, 1, H, W)."""
+
+    labels: torch.Tensor
+    noise: torch.Tensor
+
+
+def build_inputs(recipe: DictConfig) -> Inputs:
+    classes = torch.tensor(list(recipe.inputs.classes))
+    labels = classes.repeat_interleave(recipe.inputs.samples_per_class)
+    side = recipe.inputs.resolution
+    noise = sample_noise(recipe.inputs.seed, range(len(labels)), (1, side, side))
+    return Inputs(labels=labels, noise=noise)
+
+
+def load_embedded_model(name: str, device: str):
+    """The embedded model by name, or a FluxDigits-layout folder (transformer/ + conditioner/)."""
+    return load_flux_digits(device=device) if name == "flux-digits" else load_flux_digits(name, device=device)
+
+
+def plan_from(section: DictConfig) -> SamplingPlan:
+    return SamplingPlan(solver=section.solver, steps=section.steps, schedule=section.schedule,
+                        schedule_params=OmegaConf.to_container(section.schedule_params),
+                        solver_params=OmegaConf.to_container(section.solver_params))
+
+
+class Evaluator:
+    """Quality of generated images (N, 1, H, W) in [-1, 1] against the reference and real data."""
+
+    def __init__(self, recipe: DictConfig, labels: torch.Tensor):
+        self.metrics = list(recipe.eval.metrics)
+        self.labels = labels
+        self.judge = load_judge()
+        self.fd = None
+        if "fd" in self.metrics:
+            real, _ = real_reference_set(recipe.eval.real_samples, recipe.inputs.resolution)
+            self.fd = measure.FrechetDistance(JudgeFeatures(self.judge), measure.to_unit_range(real))
+
+    def __call__(self, images: torch.Tensor, reference: torch.Tensor) -> dict:
+        unit, unit_ref = measure.to_unit_range(images), measure.to_unit_range(reference)
+        result = {}
+        if "psnr" in self.metrics:
+            result["psnr"] = measure.psnr(unit, unit_ref)
+        if "ssim" in self.metrics:
+            result["ssim"] = measure.ssim(unit, unit_ref)
+        if self.fd is not None:
+            result["fd"] = self.fd(unit)
+        if "accuracy" in self.metrics:
+            result["accuracy"] = measure.class_accuracy(self.judge, unit, self.labels)
+        return result
+
+
+def _generate_counted(denoiser, plan: SamplingPlan, inputs: Inputs, recipe: DictConfig,
+                      label: str) -> tuple[torch.Tensor, int]:
+    """Generates every sample, batch by batch across processes, each batch under the FLOP counter."""
+    device = recipe.model.device
+    slices = batch_slices(len(inputs.labels), recipe.inputs.batch_size)
+    progress = tqdm(total=len(slices), desc=label, leave=False, disable=not is_main_process())
+
+    def work(piece: slice) -> tuple[torch.Tensor, int]:
+        images, flops = measure.count_flops(lambda: generate(
+            denoiser, plan, inputs.noise[piece], inputs.labels[piece], recipe.inputs.batch_size,
+            device=device))
+        progress.update(1)
+        return images, flops
+
+    results = map_batches(work, slices)
+    progress.close()
+    return torch.cat([images for images, _ in results]), sum(flops for _, flops in results)
+
+
+def measure_plan(label: str, kind: str, plan: SamplingPlan, denoiser, inputs: Inputs,
+                 recipe: DictConfig) -> tuple[dict, torch.Tensor]:
+    """Generates all samples under the FLOP counter, then times a batch; returns (record, images).
+
+    Wall-clock is the median of `eval.timing_repeats` timed generations of the first
+    `eval.timing_batch` samples after one warm-up, measured on the main process.
+    """
+    device = recipe.model.device
+    images, flops = _generate_counted(denoiser, plan, inputs, recipe, label)
+    wall = float("nan")
+    if is_main_process():
+        timing = slice(0, recipe.eval.timing_batch)
+        wall = measure.time_median(
+            lambda: generate(denoiser, plan, inputs.noise[timing], inputs.labels[timing],
+                             recipe.eval.timing_batch, device=device),
+            repeats=recipe.eval.timing_repeats, warmup=1, device=device)
+    record = {
+        "label": label, "kind": kind, "solver": plan.solver, "steps": plan.steps,
+        "schedule": plan.schedule, "schedule_params": plan.schedule_params,
+        "solver_params": plan.solver_params,
+        "nfe": plan.nfe(recipe.guidance.scale), "flops": flops, "tflops": flops / 1e12,
+        "wall_seconds": wall, "peak_memory_mb": measure.peak_memory_mb(device),
+    }
+    return record, images
+
+
+def measure_stack(label: str, recipe: DictConfig, model, denoiser, inputs: Inputs) -> tuple[dict, torch.Tensor]:
+    """Resolves the recipe's stack, installs it, measures it; the record carries the resolved stack."""
+    resolved = resolve_recipe(recipe, model)
+    with installed_cache(model, resolved, denoiser, recipe) as cache:
+        record, images = measure_plan(label, "stack", plan_of(resolved), denoiser, inputs, recipe)
+        if cache is not None:
+            record["cache_last_generation"] = cache.stats.last_run().to_dict()
+    record["stack"] = resolved.to_dict()
+    return record, images
+
+
+def add_speedups(record: dict, reference: dict) -> dict:
+    """FLOPs and wall-clock speedups of `record` against the reference record."""
+    record["flops_speedup"] = reference["flops"] / record["flops"]
+    record["wall_speedup"] = reference["wall_seconds"] / record["wall_seconds"]
+    return record
