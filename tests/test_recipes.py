@@ -54,7 +54,7 @@ def test_cli_exits_2_with_one_line_on_bad_input(capsys, tmp_path):
 
 
 def _schema_keys(node, prefix=""):
-    from omegaconf import DictConfig, ListConfig
+    from omegaconf import DictConfig
 
     for key, value in node.items_ex(resolve=False) if isinstance(node, DictConfig) else []:
         path = f"{prefix}{key}"
