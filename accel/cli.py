@@ -17,6 +17,14 @@ def _run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _ablate(args: argparse.Namespace) -> int:
+    recipe = load_recipe(args.recipe, args.overrides)
+    from accel.ablate import run_ablation
+
+    run_ablation(recipe)
+    return 0
+
+
 def _recipes(args: argparse.Namespace) -> int:
     if args.action == "list":
         for group, names in list_recipes().items():
@@ -48,6 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("recipe", nargs="?", default=None, help="recipe YAML or shipped name (default: embedded-demo)")
     run.add_argument("overrides", nargs="*", help="key=value overrides, e.g. sampler.steps=8")
     run.set_defaults(handler=_run)
+    ablate = commands.add_parser("ablate", help="run a grid of stacks beside the reference and the equal-FLOPs baseline")
+    ablate.add_argument("recipe", help="ablation recipe YAML or shipped name (e.g. ablations/embedded)")
+    ablate.add_argument("overrides", nargs="*", help="key=value overrides")
+    ablate.set_defaults(handler=_ablate)
     recipes = commands.add_parser("recipes", help="list shipped recipes or show one")
     recipes.add_argument("action", choices=["list", "show"])
     recipes.add_argument("name", nargs="?", default=None, help="recipe name or path (for show)")

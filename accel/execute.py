@@ -71,11 +71,12 @@ class Evaluator:
 
 
 def _generate_counted(denoiser, plan: SamplingPlan, inputs: Inputs, recipe: DictConfig,
-                      label: str) -> tuple[torch.Tensor, int]:
-    """Generates every sample, batch by batch across processes, each batch under the FLOP counter."""
+                      label: str, split: bool) -> tuple[torch.Tensor, int]:
+    """Generates every sample batch by batch, each batch under the FLOP counter; with `split`,
+    the batches are dealt across the launched processes and gathered."""
     device = recipe.model.device
     slices = batch_slices(len(inputs.labels), recipe.inputs.batch_size)
-    progress = tqdm(total=len(slices), desc=label, leave=False, disable=not is_main_process())
+    progress = tqdm(total=len(slices), desc=label, leave=False, disable=split and not is_main_process())
 
     def work(piece: slice) -> tuple[torch.Tensor, int]:
         images, flops = measure.count_flops(lambda: generate(
@@ -84,22 +85,23 @@ def _generate_counted(denoiser, plan: SamplingPlan, inputs: Inputs, recipe: Dict
         progress.update(1)
         return images, flops
 
-    results = map_batches(work, slices)
+    results = map_batches(work, slices) if split else [work(piece) for piece in slices]
     progress.close()
     return torch.cat([images for images, _ in results]), sum(flops for _, flops in results)
 
 
 def measure_plan(label: str, kind: str, plan: SamplingPlan, denoiser, inputs: Inputs,
-                 recipe: DictConfig) -> tuple[dict, torch.Tensor]:
+                 recipe: DictConfig, split: bool = True) -> tuple[dict, torch.Tensor]:
     """Generates all samples under the FLOP counter, then times a batch; returns (record, images).
 
     Wall-clock is the median of `eval.timing_repeats` timed generations of the first
-    `eval.timing_batch` samples after one warm-up, measured on the main process.
+    `eval.timing_batch` samples after one warm-up, measured on the main process (on this process
+    when not `split`).
     """
     device = recipe.model.device
-    images, flops = _generate_counted(denoiser, plan, inputs, recipe, label)
+    images, flops = _generate_counted(denoiser, plan, inputs, recipe, label, split)
     wall = float("nan")
-    if is_main_process():
+    if is_main_process() or not split:
         timing = slice(0, recipe.eval.timing_batch)
         wall = measure.time_median(
             lambda: generate(denoiser, plan, inputs.noise[timing], inputs.labels[timing],
@@ -115,11 +117,12 @@ def measure_plan(label: str, kind: str, plan: SamplingPlan, denoiser, inputs: In
     return record, images
 
 
-def measure_stack(label: str, recipe: DictConfig, model, denoiser, inputs: Inputs) -> tuple[dict, torch.Tensor]:
+def measure_stack(label: str, recipe: DictConfig, model, denoiser, inputs: Inputs,
+                  split: bool = True) -> tuple[dict, torch.Tensor]:
     """Resolves the recipe's stack, installs it, measures it; the record carries the resolved stack."""
     resolved = resolve_recipe(recipe, model)
     with installed_cache(model, resolved, denoiser, recipe) as cache:
-        record, images = measure_plan(label, "stack", plan_of(resolved), denoiser, inputs, recipe)
+        record, images = measure_plan(label, "stack", plan_of(resolved), denoiser, inputs, recipe, split)
         if cache is not None:
             record["cache_last_generation"] = cache.stats.last_run().to_dict()
     record["stack"] = resolved.to_dict()

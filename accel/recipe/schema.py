@@ -97,6 +97,16 @@ class OutputConfig:
 
 
 @dataclass
+class AblationConfig:
+    """The grid of `accel ablate`: named axes, plus the equal-FLOPs baseline family."""
+
+    axes: dict[str, Any] = field(default_factory=dict)  # recipe key -> list of values (grid = product)
+    baseline_solvers: list[str] = field(default_factory=lambda: ["euler", "dpmpp_2m", "unipc_bh2"])
+    baseline_steps: list[int] = field(default_factory=lambda: [3, 4, 5, 6, 8, 10, 12, 16, 25])
+    grid_rows: int = 8  # stacks shown in the image grid (best PSNR first)
+
+
+@dataclass
 class Recipe:
     """A whole stack and how to measure it."""
 
@@ -109,3 +119,4 @@ class Recipe:
     inputs: InputsConfig = field(default_factory=InputsConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
+    ablation: AblationConfig = field(default_factory=AblationConfig)

@@ -84,6 +84,22 @@ def _check_cache(cache: DictConfig) -> None:
         raise RecipeError(f"cache.params: {error}".splitlines()[0]) from None
 
 
+def _check_ablation(ablation: DictConfig) -> None:
+    from omegaconf import ListConfig
+
+    for key, values in ablation.axes.items():
+        if not isinstance(values, ListConfig) or len(values) == 0:
+            raise RecipeError(f"ablation.axes.{key}: give a non-empty list of values")
+        if key.split(".")[0] in ("guidance", "inputs", "eval", "output", "model", "ablation", "name"):
+            raise RecipeError(f"ablation.axes.{key}: only sampler, cache and adapters may vary "
+                              "(the reference and inputs are shared by every cell)")
+    for solver in ablation.baseline_solvers:
+        _choice("ablation.baseline_solvers[]", solver, sorted(samplers.SOLVERS))
+    for steps in ablation.baseline_steps:
+        _at_least("ablation.baseline_steps[]", steps, 1)
+    _at_least("ablation.grid_rows", ablation.grid_rows, 1)
+
+
 def validate_recipe(recipe: DictConfig) -> None:
     """Raises RecipeError for the first value outside what the project supports."""
     if not recipe.name or "/" in recipe.name:
@@ -98,3 +114,4 @@ def validate_recipe(recipe: DictConfig) -> None:
     if recipe.guidance.distilled and recipe.guidance.scale != 1.0:
         raise RecipeError("guidance.scale: a guidance-distilled model has no uncond pass; set guidance.scale=1")
     _check_cache(recipe.cache)
+    _check_ablation(recipe.ablation)
