@@ -35,6 +35,11 @@ def build_inputs(recipe: DictConfig) -> Inputs:
 
 def load_embedded_model(name: str, device: str):
     """The embedded model by name, or a FluxDigits-layout folder (transformer/ + conditioner/)."""
+    from accel.recipe.validate import is_hub_id
+
+    if is_hub_id(name):
+        raise ValueError(f"model.name: {name} is a hub model; `accel run`/`accel ablate` run the embedded models "
+                         "(and local folders) — load the pipeline yourself and use accel.apply(pipe, recipe)")
     return load_flux_digits(device=device) if name == "flux-digits" else load_flux_digits(name, device=device)
 
 

@@ -99,4 +99,14 @@ def test_every_shipped_recipe_starts_with_the_command_that_runs_it():
     assert files
     for path in files:
         first = path.read_text().splitlines()[0]
-        assert first.startswith("# ") and "accel " in first, path
+        assert first.startswith("# ") and ("accel " in first or "accel.apply" in first), path
+
+
+def test_templates_load_as_stacks_and_accel_run_refuses_hub_models(capsys):
+    from accel.stack import Stack
+
+    for name in ("flux-dev", "sd35-large", "wan21-t2v-1.3b", "sdxl"):
+        stack = Stack.from_recipe(load_recipe(f"templates/{name}"))
+        assert stack.cache is not None and stack.sampler.steps >= 20
+    assert main(["run", "templates/sdxl"]) == 2
+    assert "is a hub model" in capsys.readouterr().err

@@ -24,19 +24,31 @@ def _at_least(key: str, value, low) -> None:
         raise RecipeError(f"{key}: {value} must be >= {low}")
 
 
+def is_hub_id(name: str) -> bool:
+    """'owner/name' that is not a local path: a model to load in the user's own pipeline."""
+    return name.count("/") == 1 and not name.startswith((".", "/")) and not Path(name).exists()
+
+
+def model_family(model: DictConfig) -> str | None:
+    """The noise family of the recipe's model when the project knows it (the embedded models)."""
+    return None if is_hub_id(model.name) else "flow"
+
+
 def _check_model(model: DictConfig) -> None:
-    if model.name not in EMBEDDED_MODELS and not Path(model.name).is_dir():
+    if model.name not in EMBEDDED_MODELS and not Path(model.name).is_dir() and not is_hub_id(model.name):
         raise RecipeError(f"model.name: {model.name!r} is neither an embedded model "
-                          f"({', '.join(EMBEDDED_MODELS)}) nor a local diffusers folder")
+                          f"({', '.join(EMBEDDED_MODELS)}), a local folder nor a hub id 'owner/name'")
     _choice("model.dtype", model.dtype, DTYPES)
     if not (model.device == "cpu" or model.device.startswith("cuda")):
         raise RecipeError(f"model.device: {model.device!r}; use cpu, cuda or cuda:N")
 
 
-def _check_sampling(prefix: str, section: DictConfig) -> None:
+def _check_sampling(prefix: str, section: DictConfig, family: str | None) -> None:
     _choice(f"{prefix}.solver", section.solver, sorted(samplers.SOLVERS))
     _choice(f"{prefix}.schedule", section.schedule, sorted(samplers.SCHEDULES))
     _at_least(f"{prefix}.steps", section.steps, 1)
+    if family is None:  # a hub model: the resolver checks the fit against the real pipeline
+        return
     try:
         samplers.get_solver(section.solver).check_fits("flow", "flow")
         samplers.make_sigmas(section.schedule, section.steps, samplers.FlowSchedule(),
@@ -56,8 +68,8 @@ def _check_inputs(inputs: DictConfig) -> None:
         raise RecipeError(f"inputs.resolution: {inputs.resolution}; the embedded model is trained at 16")
 
 
-def _check_eval(evaluation: DictConfig) -> None:
-    _check_sampling("eval.reference", evaluation.reference)
+def _check_eval(evaluation: DictConfig, family: str | None) -> None:
+    _check_sampling("eval.reference", evaluation.reference, family)
     for metric in evaluation.metrics:
         _choice("eval.metrics[]", metric, METRICS)
     _at_least("eval.real_samples", evaluation.real_samples, 2)
@@ -105,9 +117,10 @@ def validate_recipe(recipe: DictConfig) -> None:
     if not recipe.name or "/" in recipe.name:
         raise RecipeError(f"name: {recipe.name!r} must be a non-empty name without '/'")
     _check_model(recipe.model)
-    _check_sampling("sampler", recipe.sampler)
+    family = model_family(recipe.model)
+    _check_sampling("sampler", recipe.sampler, family)
     _check_inputs(recipe.inputs)
-    _check_eval(recipe.eval)
+    _check_eval(recipe.eval, family)
     _check_adapters(recipe.adapters)
     if recipe.guidance.scale < 1.0:
         raise RecipeError(f"guidance.scale: {recipe.guidance.scale} must be >= 1 (1 disables CFG)")
