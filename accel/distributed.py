@@ -13,10 +13,15 @@ T = TypeVar("T")
 
 
 def process_state():
-    """The accelerate PartialState (one process when not launched by accelerate)."""
+    """The accelerate PartialState (one process when not launched by accelerate).
+
+    Without a GPU the processes that `accelerate launch` (torchrun) starts join a gloo group on
+    the CPU, so the same launch command works on a laptop, in CI and on a GPU node.
+    """
+    import torch
     from accelerate import PartialState
 
-    return PartialState()
+    return PartialState(cpu=not torch.cuda.is_available())
 
 
 def batch_slices(total: int, batch_size: int) -> list[slice]:

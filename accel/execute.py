@@ -3,15 +3,20 @@ and quality. Shared by `accel run` and `accel ablate`."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from safetensors import safe_open
+from safetensors.torch import save_file
 from tqdm import tqdm
 
 from accel import measure
 from accel.distributed import batch_slices, is_main_process, map_batches
-from accel.embedded import JudgeFeatures, load_flux_digits, load_judge
+from accel.embedded import FLUX_DIGITS_DIR, JudgeFeatures, load_flux_digits, load_judge
 from accel.embedded.data import real_reference_set
 from accel.generate import SamplingPlan, generate, sample_noise
 from accel.native import installed_cache, plan_of, resolve_recipe
@@ -31,6 +36,11 @@ def build_inputs(recipe: DictConfig) -> Inputs:
     side = recipe.inputs.resolution
     noise = sample_noise(recipe.inputs.seed, range(len(labels)), (1, side, side))
     return Inputs(labels=labels, noise=noise)
+
+
+def model_folder(name: str) -> Path:
+    """The weights folder of an embedded model name or a local folder."""
+    return FLUX_DIGITS_DIR if name == "flux-digits" else Path(name)
 
 
 def load_embedded_model(name: str, device: str):
@@ -95,16 +105,45 @@ def _generate_counted(denoiser, plan: SamplingPlan, inputs: Inputs, recipe: Dict
     return torch.cat([images for images, _ in results]), sum(flops for _, flops in results)
 
 
+def reference_cache_key(recipe: DictConfig, plan: SamplingPlan, model_dir: Path) -> str:
+    """Everything the reference images and FLOPs are a deterministic function of."""
+    digest = hashlib.sha256()
+    for path in sorted(model_dir.rglob("*.safetensors")):
+        digest.update(path.read_bytes())
+    digest.update(json.dumps({
+        "plan": [plan.solver, plan.steps, plan.schedule, plan.schedule_params, plan.solver_params],
+        "inputs": OmegaConf.to_container(recipe.inputs), "guidance": recipe.guidance.scale,
+        "model": [recipe.model.device, recipe.model.dtype], "torch": torch.__version__,
+        "threads": torch.get_num_threads()}, sort_keys=True, default=str).encode())
+    return digest.hexdigest()[:20]
+
+
+def _cached_generation(cache_file: Path | None, generate_fn) -> tuple[torch.Tensor, int]:
+    """(images, FLOPs) from the cache file when present, else generated and (main process) cached."""
+    if cache_file is not None and cache_file.is_file():
+        with safe_open(str(cache_file), framework="pt") as handle:
+            return handle.get_tensor("images"), int(handle.metadata()["flops"])
+    images, flops = generate_fn()
+    if cache_file is not None and is_main_process():
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        temporary = cache_file.with_suffix(".tmp")
+        save_file({"images": images.contiguous()}, temporary, metadata={"flops": str(flops)})
+        temporary.replace(cache_file)
+    return images, flops
+
+
 def measure_plan(label: str, kind: str, plan: SamplingPlan, denoiser, inputs: Inputs,
-                 recipe: DictConfig, split: bool = True) -> tuple[dict, torch.Tensor]:
+                 recipe: DictConfig, split: bool = True, cache_file: Path | None = None) -> tuple[dict, torch.Tensor]:
     """Generates all samples under the FLOP counter, then times a batch; returns (record, images).
 
     Wall-clock is the median of `eval.timing_repeats` timed generations of the first
     `eval.timing_batch` samples after one warm-up, measured on the main process (on this process
-    when not `split`).
+    when not `split`). With `cache_file` (the reference), images and counted FLOPs of an identical
+    earlier generation are reused; the wall-clock is always measured anew, beside the run.
     """
     device = recipe.model.device
-    images, flops = _generate_counted(denoiser, plan, inputs, recipe, label, split)
+    images, flops = _cached_generation(
+        cache_file, lambda: _generate_counted(denoiser, plan, inputs, recipe, label, split))
     wall = float("nan")
     if is_main_process() or not split:
         timing = slice(0, recipe.eval.timing_batch)

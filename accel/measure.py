@@ -99,8 +99,9 @@ class FrechetDistance:
     """
 
     def __init__(self, feature_module: torch.nn.Module, real_images: torch.Tensor):
+        # sync_on_compute=False: only the main process evaluates under `accelerate launch`.
         self.metric = FrechetInceptionDistance(feature=feature_module, normalize=True,
-                                               reset_real_features=False)
+                                               reset_real_features=False, sync_on_compute=False)
         self.metric.update(real_images, real=True)
 
     def __call__(self, images: torch.Tensor) -> float:

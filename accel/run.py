@@ -11,7 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 from accel import measure
 from accel.distributed import is_main_process, process_state, wait_for_everyone
 from accel.execute import (Evaluator, add_speedups, build_inputs, load_embedded_model, measure_plan, measure_stack,
-                           plan_from)
+                           model_folder, plan_from, reference_cache_key)
 from accel.generate import flux_digits_denoiser
 from accel.recipe import to_yaml
 from accel.report import format_table, markdown_table, save_grid
@@ -27,8 +27,13 @@ def run_recipe(recipe: DictConfig) -> dict | None:
     model = load_embedded_model(recipe.model.name, recipe.model.device)
     denoiser = flux_digits_denoiser(model, recipe.guidance.scale)
     inputs = build_inputs(recipe)
-    reference, ref_images = measure_plan("reference", "reference", plan_from(recipe.eval.reference),
-                                         denoiser, inputs, recipe)
+    ref_plan = plan_from(recipe.eval.reference)
+    cache_file = None
+    if recipe.eval.cache_reference:
+        key = reference_cache_key(recipe, ref_plan, model_folder(recipe.model.name))
+        cache_file = Path(recipe.output.dir) / ".reference-cache" / f"{key}.safetensors"
+    reference, ref_images = measure_plan("reference", "reference", ref_plan, denoiser, inputs, recipe,
+                                         cache_file=cache_file)
     configured, run_images = measure_stack(recipe.name, recipe, model, denoiser, inputs)
     configured["kind"] = "run"
     stack = configured.pop("stack")

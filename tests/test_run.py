@@ -5,6 +5,7 @@ import json
 import torch
 
 from accel.cli import main
+from accel.recipe import RECIPES_DIR
 from accel.embedded import build_flux_digits
 from accel.generate import SamplingPlan, flux_digits_denoiser, generate, sample_noise
 
@@ -59,8 +60,8 @@ def test_accelerate_launch_with_two_processes_gives_the_single_process_summary(t
     single = main(["run", f"output.dir={tmp_path / 'one'}", "name=split", *common])
     assert single == 0
     launched = subprocess.run(
-        [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "2", "--num_machines", "1",
-         "--mixed_precision", "no", "--dynamo_backend", "no", "--cpu", "-m", "accel", "run",
+        [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+         str(RECIPES_DIR / "launch" / "accelerate-cpu-2proc.yaml"), "-m", "accel", "run",
          f"output.dir={tmp_path / 'two'}", "name=split", *common],
         env=env, capture_output=True, text=True, timeout=300)
     assert launched.returncode == 0, launched.stderr[-2000:]

@@ -61,7 +61,7 @@ class InputsConfig:
     """What to generate: classes (or prompts) and seeds."""
 
     classes: list[int] = field(default_factory=lambda: list(range(10)))  # class labels to generate
-    samples_per_class: int = 20  # samples per class
+    samples_per_class: int = 10  # samples per class
     seed: int = 0  # base seed; sample i uses seed * 1_000_003 + i
     batch_size: int = 100  # samples per model call
     resolution: int = 16  # image side in pixels
@@ -85,7 +85,8 @@ class EvalConfig:
     reference: ReferenceConfig = field(default_factory=ReferenceConfig)
     metrics: list[str] = field(default_factory=lambda: ["psnr", "ssim", "fd", "accuracy"])
     real_samples: int = 2000  # real images for the FD statistics
-    timing_batch: int = 20  # samples per timed call
+    cache_reference: bool = True  # reuse the reference images and FLOPs of an identical earlier run
+    timing_batch: int = 10  # samples per timed call
     timing_repeats: int = 3  # timed repeats after one warm-up; the median is reported
 
 
