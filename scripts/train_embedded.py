@@ -1,6 +1,6 @@
 """Trains the embedded FLUX-architecture digit model (rectified flow, class-conditional, CFG dropout).
 
-    python scripts/train_embedded.py                    # full run (about 50 minutes on 2 CPU cores)
+    python scripts/train_embedded.py                    # full run (about 45-70 minutes on 2 CPU cores)
     python scripts/train_embedded.py --steps 50 --out /tmp/quick   # a smoke run
 
 Seeded and resumable: every batch, noise draw and time draw is a pure function of (seed, step),
@@ -33,11 +33,11 @@ from accel.embedded.model import FLUX_DIGITS_DIR, NULL_CLASS, build_flux_digits 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=FLUX_DIGITS_DIR)
-    parser.add_argument("--steps", type=int, default=4000)
-    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=2000)
+    parser.add_argument("--batch-size", type=int, default=96)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--warmup", type=int, default=200)
-    parser.add_argument("--ema-decay", type=float, default=0.999)
+    parser.add_argument("--ema-decay", type=float, default=0.998)
     parser.add_argument("--cfg-dropout", type=float, default=0.1)
     parser.add_argument("--time-shift", type=float, default=2.0,
                         help="FLUX/SD3-style shift applied to logit-normal time samples")
