@@ -34,8 +34,9 @@ def epsilon(tmp_path_factory):
 
 
 def _settings(**overrides):
-    base = dict(samples=4, batch_size=4, nfes=(4,), real_samples=32, solvers=("euler", "heun"),
-                schedules=("flow",), optimized=("euler",), diffusers=("FlowMatchEulerDiscrete/shift1",),
+    base = dict(samples=4, batch_size=4, nfes=(4,), real_samples=32,
+                ours={"flux-digits": ("euler/flow", "heun/flow", "euler/optimized")},
+                diffusers=("FlowMatchEulerDiscrete/shift1",),
                 calibration=Calibration(samples=2, sweeps=1, iterations=1))
     return bench.Settings(**{**base, **overrides})
 
@@ -53,7 +54,7 @@ def test_records_skips_outputs_and_resume(flow, tmp_path, capsys):
     summary = json.loads((tmp_path / "out.json").read_text())
     assert summary == json.loads((tmp_path / "run" / "samplers.json").read_text())
     assert len(summary["records"]) == 3
-    assert any("heun NFE 4" in line and "nfe=3 or 5" in line for line in summary["skipped"])
+    assert any("heun/flow NFE 4" in line and "nfe=3 or 5" in line for line in summary["skipped"])
     assert (tmp_path / "run" / "samplers.png").stat().st_size > 0
     assert (flow.schedule_dir / "euler-nfe4.json").is_file()
     out = capsys.readouterr().out
