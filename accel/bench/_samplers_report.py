@@ -152,3 +152,40 @@ def plot(records: Sequence[dict], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=90)
     plt.close(fig)
+
+
+def write_outputs(records: list[dict], skipped: list[str], settings: dict, timing: dict,
+                  json_path: Path | None, out_dir: Path) -> dict:
+    """Prints the tables, target checks and time; writes samplers.json (and json_path), .md and .png.
+
+    Args:
+        records: the measured records.
+        skipped: one line per configuration that cannot meet its NFE exactly.
+        settings: the run's settings and models, stored in the JSON.
+        timing: {"wall_seconds": ..., "cpu_seconds": ...} of the run.
+        json_path: an extra path for the JSON summary.
+        out_dir: the output folder.
+    """
+    records = sort_records(records)
+    best, targets = best_per_nfe(records), check_targets(records)
+    print("\nBest per NFE and origin (by PSNR):\n" + text_table(best))
+    print("\nAll configurations:\n" + text_table(records))
+    if skipped:
+        print(f"\nSkipped {len(skipped)} configurations that cannot meet an NFE exactly:\n  " + "\n  ".join(skipped))
+    print("\nTargets (NFE 6 and 8, our best vs diffusers' best):\n" + format_targets(targets))
+    print(f"\nTime taken: {timing['wall_seconds'] / 60:.1f} min wall-clock, "
+          f"{timing['cpu_seconds'] / 60:.1f} min CPU (all processes)")
+    summary = {
+        "records": [{k: v for k, v in r.items() if k != "signature"} for r in records],
+        "targets": targets, "skipped": skipped, **timing, "settings": settings,
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for path in [out_dir / "samplers.json"] + ([json_path] if json_path else []):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(summary, indent=2))
+    (out_dir / "samplers.md").write_text(
+        f"## Best per NFE and origin\n\n{markdown_table(best)}\n\n## All\n\n"
+        f"{markdown_table(records)}\n\n## Targets\n\n{format_targets(targets)}\n")
+    plot(records, out_dir / "samplers.png")
+    print(f"wrote {out_dir / 'samplers.json'}, samplers.md, samplers.png" + (f" and {json_path}" if json_path else ""))
+    return summary

@@ -10,15 +10,17 @@ accuracy. Our optimised schedules are calibrated on other seeds and saved next t
     accel bench samplers --quick --json runs/samplers.json
 
 Outputs under out_dir: samplers.json (records, skipped configurations, target checks, settings),
-samplers.md (the tables), samplers.png (quality vs NFE) and samplers-records.jsonl, the finished
+samplers.md (the tables), samplers.png (quality vs NFE) and samplers-records-<model>.jsonl, the finished
 records that a rerun skips. ACCEL_BENCH_FLUX_DIR / ACCEL_BENCH_UNET_DIR point at other weights.
 """
 
 from __future__ import annotations
 
-import json
+import multiprocessing
 import os
+import resource
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -57,6 +59,7 @@ class Settings:
         optimize_nfes: NFE budgets that get an optimised schedule (None: all of `nfes`).
         diffusers: diffusers settings as "Solver/schedule" (None: all).
         calibration: the calibration set of the optimised schedules.
+        workers: processes, one model each, one thread each (1: both models in this process).
     """
 
     samples: int = 200
@@ -68,18 +71,18 @@ class Settings:
     optimize_nfes: tuple[int, ...] | None = None
     diffusers: tuple[str, ...] | None = None
     calibration: Calibration = field(default_factory=Calibration)
+    workers: int = 2
 
 
 FULL = Settings()
 # The quick sweep keeps every NFE and every diffusers setting; of ours it keeps each solver family's
 # best schedules on the calibration seeds, and optimises one solver per model at NFE <= 10.
 QUICK = Settings(
-    samples=40, batch_size=40, real_samples=1000, optimize_nfes=(4, 6, 8, 10),
-    ours={"flux-digits": ("euler/flux", "heun/flux", "dpmpp_2m/flow", "dpmpp_2m/flux", "dpmpp_3m/flux",
-                          "unipc_bh2/flow", "unipc_bh2/flux", "ipndm/flux", "unipc_bh2/optimized"),
-          "unet-digits": ("euler/karras", "heun/karras", "dpmpp_2m/karras", "dpmpp_2m/logsnr", "dpmpp_3m/logsnr",
-                          "unipc_bh2/karras", "unipc_bh2/logsnr", "unipc_bh2/timestep", "ipndm/logsnr",
-                          "unipc_bh2/optimized")})
+    samples=30, batch_size=30, real_samples=1000, optimize_nfes=(4, 6, 8, 10),
+    ours={"flux-digits": ("euler/flux", "heun/flux", "dpmpp_2m/flux", "dpmpp_3m/flux", "unipc_bh2/flow",
+                          "unipc_bh2/flux", "ipndm/flux", "unipc_bh2/optimized"),
+          "unet-digits": ("euler/karras", "heun/karras", "dpmpp_2m/logsnr", "dpmpp_3m/logsnr", "unipc_bh2/karras",
+                          "unipc_bh2/logsnr", "unipc_bh2/timestep", "ipndm/logsnr", "unipc_bh2/optimized")})
 
 
 @dataclass
@@ -190,8 +193,8 @@ def _reference(subject: BenchModel, settings: Settings, noise: torch.Tensor, lab
 
 
 def bench_model(subject: BenchModel, configs: list[DiffusersConfig], betas: dict | None, settings: Settings,
-                evaluate: Evaluator, store: report.RecordStore, out_dir: Path,
-                skipped: list[str]) -> list[dict]:
+                evaluate: Evaluator, store: report.RecordStore, out_dir: Path, skipped: list[str],
+                position: int = 0) -> list[dict]:
     """Measures every configuration of one model (reusing finished records); returns the records."""
     labels = torch.arange(settings.samples) % 10
     noise = sample_noise(settings.seed, range(settings.samples), subject.shape)
@@ -201,7 +204,7 @@ def bench_model(subject: BenchModel, configs: list[DiffusersConfig], betas: dict
     signature = _signature(subject, settings)
     reference = None
     records = []
-    for job in tqdm(jobs, desc=f"bench samplers {subject.name}", unit="config"):
+    for job in tqdm(jobs, desc=f"bench samplers {subject.name}", unit="config", position=position):
         done = store.get(signature, report.record_key(job.record))
         if done is not None:
             records.append(done)
@@ -220,43 +223,40 @@ def bench_model(subject: BenchModel, configs: list[DiffusersConfig], betas: dict
     return records
 
 
-def load_subjects() -> list[tuple[BenchModel, list[DiffusersConfig], dict | None]]:
-    """The two embedded models (trained weights, or the folders named by the environment)."""
-    flux_dir = Path(os.environ.get("ACCEL_BENCH_FLUX_DIR", FLUX_DIGITS_DIR))
+MODELS = ("flux-digits", "unet-digits")
+
+
+def load_subject(name: str) -> tuple[BenchModel, list[DiffusersConfig], dict | None]:
+    """An embedded model by name (trained weights, or the folder named by the environment) with
+    its diffusers settings and betas."""
+    if name == "flux-digits":
+        flux_dir = Path(os.environ.get("ACCEL_BENCH_FLUX_DIR", FLUX_DIGITS_DIR))
+        return flow_subject(load_flux_digits(flux_dir), flux_dir), flow_configs(), None
     unet_dir = Path(os.environ.get("ACCEL_BENCH_UNET_DIR", UNET_DIGITS_DIR))
     unet = load_unet_digits(unet_dir)
-    return [(flow_subject(load_flux_digits(flux_dir), flux_dir), flow_configs(), None),
-            (epsilon_subject(unet, unet_dir), epsilon_configs(), dict(unet.betas))]
+    return epsilon_subject(unet, unet_dir), epsilon_configs(), dict(unet.betas)
 
 
-def write_outputs(records: list[dict], skipped: list[str], settings: Settings, subjects: list[BenchModel],
-                  seconds: float, json_path: Path | None, out_dir: Path) -> dict:
-    """Prints the tables and target checks; writes samplers.json (and json_path), .md and .png."""
-    records = report.sort_records(records)
-    best, targets = report.best_per_nfe(records), report.check_targets(records)
-    print("\nBest per NFE and origin (by PSNR):\n" + report.text_table(best))
-    print("\nAll configurations:\n" + report.text_table(records))
-    if skipped:
-        print(f"\nSkipped {len(skipped)} configurations that cannot meet an NFE exactly:\n  " + "\n  ".join(skipped))
-    print("\nTargets (NFE 6 and 8, our best vs diffusers' best):\n" + report.format_targets(targets))
-    print(f"\nTime taken: {seconds / 60:.1f} min")
-    summary = {
-        "records": [{k: v for k, v in r.items() if k != "signature"} for r in records],
-        "targets": targets, "skipped": skipped, "seconds": round(seconds, 1),
-        "settings": {**asdict(settings), "models": {s.name: {"guidance": s.guidance, "weights": str(s.weights_dir),
-                                                              "reference": s.reference.describe(),
-                                                              "fingerprint": s.fingerprint} for s in subjects}},
-    }
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for path in [out_dir / "samplers.json"] + ([json_path] if json_path else []):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(summary, indent=2))
-    (out_dir / "samplers.md").write_text(
-        f"## Best per NFE and origin\n\n{report.markdown_table(best)}\n\n## All\n\n"
-        f"{report.markdown_table(records)}\n\n## Targets\n\n{report.format_targets(targets)}\n")
-    report.plot(records, out_dir / "samplers.png")
-    print(f"wrote {out_dir / 'samplers.json'}, samplers.md, samplers.png" + (f" and {json_path}" if json_path else ""))
-    return summary
+def _bench_one(triple: tuple, settings: Settings, out_dir: Path, position: int = 0) -> tuple[list, list, dict]:
+    """Benchmarks one model; returns (records, skipped lines, the model's description)."""
+    subject, configs, betas = triple
+    store = report.RecordStore(out_dir / f"samplers-records-{subject.name}.jsonl")
+    skipped: list[str] = []
+    records = bench_model(subject, configs, betas, settings, Evaluator(settings.real_samples), store, out_dir,
+                          skipped, position)
+    described = {"guidance": subject.guidance, "weights": str(subject.weights_dir),
+                 "reference": subject.reference.describe(), "fingerprint": subject.fingerprint}
+    return records, skipped, {subject.name: described}
+
+
+def _worker(name: str, settings: Settings, out_dir: Path, position: int) -> tuple[list, list, dict]:
+    torch.set_num_threads(1)
+    return _bench_one(load_subject(name), settings, out_dir, position)
+
+
+def _cpu_seconds() -> float:
+    return sum(resource.getrusage(who).ru_utime + resource.getrusage(who).ru_stime
+               for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
 
 
 def run(quick: bool, json_path: Path | None, out_dir: Path, settings: Settings | None = None,
@@ -271,15 +271,22 @@ def run(quick: bool, json_path: Path | None, out_dir: Path, settings: Settings |
         subjects: overrides the models, as (BenchModel, diffusers configs, betas) triples (tests).
     """
     settings = settings or (QUICK if quick else FULL)
-    start = time.perf_counter()
-    subjects = subjects if subjects is not None else load_subjects()
-    evaluate = Evaluator(settings.real_samples)
-    store = report.RecordStore(Path(out_dir) / "samplers-records.jsonl")
-    records, skipped = [], []
-    for subject, configs, betas in subjects:
-        records += bench_model(subject, configs, betas, settings, evaluate, store, Path(out_dir), skipped)
-    write_outputs(records, skipped, settings, [s for s, _, _ in subjects], time.perf_counter() - start,
-                  json_path, Path(out_dir))
+    out_dir = Path(out_dir)
+    start, cpu_start = time.perf_counter(), _cpu_seconds()
+    if subjects is not None or settings.workers <= 1:
+        results = [_bench_one(triple, settings, out_dir)
+                   for triple in (subjects if subjects is not None else map(load_subject, MODELS))]
+    else:
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=settings.workers, mp_context=context) as pool:
+            futures = [pool.submit(_worker, name, settings, out_dir, position) for position, name in enumerate(MODELS)]
+            results = [future.result() for future in futures]
+    records = [record for result in results for record in result[0]]
+    skipped = [line for result in results for line in result[1]]
+    models = {name: info for result in results for name, info in result[2].items()}
+    timing = {"wall_seconds": round(time.perf_counter() - start, 1),
+              "cpu_seconds": round(_cpu_seconds() - cpu_start, 1)}
+    report.write_outputs(records, skipped, {**asdict(settings), "models": models}, timing, json_path, out_dir)
     return [{k: v for k, v in r.items() if k != "signature"} for r in records]
 
 
