@@ -70,7 +70,7 @@ _register(Preset(
     "teacache", "Timestep Embedding Tells: It's Time to Cache for Video Diffusion Model (TeaCache, "
     "Liu et al., CVPR 2025)", "arXiv:2411.19108",
     "accumulated rescaled modulated-input change x whole residual x reuse",
-    {"threshold": 0.2, "coefficients": None, "degree": 4, "cooldown": 0.02},
+    {"threshold": 0.1, "coefficients": None, "degree": 4, "cooldown": 0.02},
     lambda p: (TeaCacheTrigger(p["threshold"], p["coefficients"], p["degree"]), ResidualScope())))
 _register(Preset(
     "magcache", "MagCache: Fast Video Generation with Magnitude-Aware Cache (Ma et al. 2025)",
@@ -101,13 +101,13 @@ _register(Preset(
 _register(Preset(
     "taylorseer", "From Reusing to Forecasting: Accelerating Diffusion Models with TaylorSeers "
     "(Liu et al. 2025)", "arXiv:2503.06923", "static interval x whole residual x Taylor forecast",
-    {"interval": 4, "update": "taylor", "order": 2, "warmup": 0.06},
+    {"interval": 6, "update": "taylor", "order": 1, "warmup": 0.06},
     lambda p: (IntervalTrigger(p["interval"]), ResidualScope())))
 _register(Preset(
     "foca", "Forecast then Calibrate: Feature Caching as ODE for Efficient Diffusion Transformers "
     "(FoCa, Zheng et al. 2025)", "arXiv:2508.16211",
     "static interval x whole residual x BDF2/Heun second-order forecast",
-    {"interval": 4, "update": "foca", "calibration": 1.0, "warmup": 0.06},
+    {"interval": 3, "update": "foca", "calibration": 1.0, "warmup": 0.06},
     lambda p: (IntervalTrigger(p["interval"]), ResidualScope())))
 _register(Preset(
     "budget", "accumulated-error budget (this project)", "docs/caching.md",

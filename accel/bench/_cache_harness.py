@@ -2,7 +2,8 @@
 
 All configurations run on one loaded embedded model with the same seeds. A configuration is
 applied, its whole generation (every sample) runs under torch's FLOP counter, a batch of fixed
-size is then timed (one warm-up, median of repeats), and the cache is removed; the bare model's
+size is then timed (median of repeats after a warm-up: the counted run itself when the timed
+batch is every sample, else one untimed run), and the cache is removed; the bare model's
 output on a fixed probe input must then be bitwise what it was before anything was applied (else
 the model is reloaded and the record says so). Finished records are appended to a JSONL file
 with a fingerprint of the settings and weights, so a rerun skips them.
@@ -39,7 +40,7 @@ class Settings:
         guidance: classifier-free guidance scale.
         reference_steps: Euler steps of the full-compute reference (and of every cache).
         timing_batch: samples in the timed batch (the first ones, the same for every config).
-        timing_repeats: timed repeats after one warm-up; the median is reported.
+        timing_repeats: timed repeats after the warm-up; the median is reported.
         real_samples: real images for the Frechet distance.
         metrics: quality metrics to compute.
     """
@@ -170,8 +171,10 @@ class Bench:
         try:
             images, flops = measure.count_flops(lambda: self.generate(adapter, steps))
             batch = min(self.settings.timing_batch, len(self.labels))
+            # The counted run is the warm-up when it ran the same batch (same shapes, same paths).
             wall = measure.time_median(lambda: self.generate(adapter, steps, batch),
-                                       repeats=self.settings.timing_repeats, warmup=1)
+                                       repeats=self.settings.timing_repeats,
+                                       warmup=0 if batch == len(self.labels) else 1)
             extra = _accel_stats(adapter)
         finally:
             adapter.remove(self.model.transformer)
