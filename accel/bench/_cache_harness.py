@@ -3,7 +3,9 @@
 All configurations run on one loaded embedded model with the same seeds. A configuration is
 applied, its whole generation (every sample) runs under torch's FLOP counter, a batch of fixed
 size is then timed (median of repeats after a warm-up: the counted run itself when the timed
-batch is every sample, else one untimed run), and the cache is removed; the bare model's
+batch is every sample, else one untimed run), and the cache is removed; a short bare "pace" run
+before and after measures the machine's speed, so the wall-clock speedup is corrected for a load
+that changes during the run (the raw ratio is kept as `wall_speedup_raw`); the bare model's
 output on a fixed probe input must then be bitwise what it was before anything was applied (else
 the model is reloaded and the record says so). Finished records are appended to a JSONL file
 with a fingerprint of the settings and weights, so a rerun skips them.
@@ -41,6 +43,8 @@ class Settings:
         reference_steps: Euler steps of the full-compute reference (and of every cache).
         timing_batch: samples in the timed batch (the first ones, the same for every config).
         timing_repeats: timed repeats after the warm-up; the median is reported.
+        pace_steps: Euler steps of the bare "pace" run timed before and after each configuration
+            (0: no load correction of wall-clock speedups).
         real_samples: real images for the Frechet distance.
         metrics: quality metrics to compute.
     """
@@ -55,6 +59,7 @@ class Settings:
     reference_steps: int = 50
     timing_batch: int = 20
     timing_repeats: int = 3
+    pace_steps: int = 5
     real_samples: int = 2000
     metrics: tuple[str, ...] = ("psnr", "ssim", "fd", "accuracy")
 
@@ -162,10 +167,22 @@ class Bench:
                                                        self.settings.reference_steps)}
         raise ValueError(f"unknown calibration {kind!r}")
 
-    def measure(self, variant: Variant) -> dict:
-        """Runs one configuration: counted generation, timing, removal check, quality."""
-        started = time.perf_counter()
-        steps = variant.steps or self.settings.reference_steps
+    def pace(self) -> float:
+        """Seconds of a short bare generation of the timed batch: the machine's current speed.
+
+        Wall-clock speedups divide each configuration's time by the pace measured around it (and
+        the reference's by its own), so a load that changes during a long run on a shared machine
+        does not bias them; on an idle machine the correction is 1.
+        """
+        if self.settings.pace_steps <= 0:
+            return 1.0
+        batch = min(self.settings.timing_batch, len(self.labels))
+        bare = Adapter()
+        return measure.time_median(lambda: self.generate(bare, self.settings.pace_steps, batch),
+                                   repeats=1, warmup=0)
+
+    def _run(self, variant: Variant, steps: int) -> tuple[torch.Tensor, int, float, dict]:
+        """Applies the variant, generates under the FLOP counter, times the batch, removes it."""
         adapter = make_adapter(variant, self.calibration(variant.calibrate))
         adapter.apply(self.model.transformer, steps)
         try:
@@ -175,26 +192,37 @@ class Bench:
             wall = measure.time_median(lambda: self.generate(adapter, steps, batch),
                                        repeats=self.settings.timing_repeats,
                                        warmup=0 if batch == len(self.labels) else 1)
-            extra = _accel_stats(adapter)
+            return images, flops, wall, _accel_stats(adapter)
         finally:
             adapter.remove(self.model.transformer)
+
+    def measure(self, variant: Variant) -> dict:
+        """Runs one configuration: counted generation, timing, removal check, quality."""
+        started = time.perf_counter()
+        steps = variant.steps or self.settings.reference_steps
+        self.calibration(variant.calibrate)  # before the pace, so it does not sit between
+        pace = self.pace()
+        images, flops, wall, extra = self._run(variant, steps)
         restored = self.is_bare()
         if not restored:  # e.g. cache-dit keeps its patched forward, diffusers its hook registries
             self.model = load_flux_digits(self.settings.model_dir)
             if not self.is_bare():
                 raise RuntimeError(f"reloading the model after {variant.key} did not restore it")
-        return self._record(variant, steps, images, flops, wall, restored, extra, started)
+        pace = (pace + self.pace()) / 2
+        timing = {"flops": flops, "wall_seconds": wall, "pace_seconds": pace}
+        return self._record(variant, steps, images, timing, restored, extra, started)
 
-    def _record(self, variant: Variant, steps: int, images, flops: int, wall: float, restored: bool,
+    def _record(self, variant: Variant, steps: int, images, timing: dict, restored: bool,
                 extra: dict, started: float) -> dict:
         if variant.method == "reference":
             self.reference_images = images
-        reference = self.reference or {"flops": flops, "wall_seconds": wall}
+        reference = self.reference or timing
+        raw = reference["wall_seconds"] / timing["wall_seconds"]
         record = {"method": variant.method, "params": variant.params, "origin": variant.origin,
-                  "steps": steps, "flops_speedup": reference["flops"] / flops,
-                  "wall_speedup": reference["wall_seconds"] / wall}
+                  "steps": steps, "flops_speedup": reference["flops"] / timing["flops"],
+                  "wall_speedup": raw * timing["pace_seconds"] / reference["pace_seconds"]}
         record.update(self.evaluate(images, self.reference_images))
-        record.update({"flops": flops, "wall_seconds": wall, "restored": restored, **extra,
+        record.update({**timing, "wall_speedup_raw": raw, "restored": restored, **extra,
                        "key": variant.key, "fingerprint": self.fingerprint,
                        "seconds": time.perf_counter() - started})
         return record
