@@ -10,6 +10,7 @@ for the same weights (fingerprint), guidance scale and reference; otherwise it i
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,6 +77,11 @@ class Calibrator:
             return None
         made = stored.reference.get("bench", {})
         return path if made == self.provenance() and stored.solver == solver and stored.nfe == nfe else None
+
+    def digest(self, solver: str, nfe: int) -> str | None:
+        """A short hash of the saved schedule that fits (records made with another are stale), or None."""
+        path = self.existing(solver, nfe)
+        return None if path is None else hashlib.sha256(path.read_bytes()).hexdigest()[:12]
 
     def inputs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(noise, labels, reference) of the calibration set, computed once."""

@@ -93,6 +93,7 @@ class Job:
     record: dict
     make: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     prepare: Callable[[], object] | None = None
+    variant: Callable[[], str | None] | None = None  # what else a stored record must match (schedule file)
 
 
 def _our_pairs(subject: BenchModel, settings: Settings) -> list[tuple[str, str]]:
@@ -123,7 +124,10 @@ def _our_jobs(subject: BenchModel, settings: Settings, calibrator: Calibrator,
                 continue
             if schedule == "optimized" and nfe not in optimize_nfes:
                 continue
-            prepare = (lambda s=solver, n=nfe: calibrator.get(s, n)) if schedule == "optimized" else None
+            prepare = variant = None
+            if schedule == "optimized":
+                prepare, variant = (lambda s=solver, n=nfe: calibrator.get(s, n)), (
+                    lambda s=solver, n=nfe: calibrator.digest(s, n))
 
             def make(noise, labels, solver=solver, nfe=nfe, schedule=schedule):
                 if schedule == "optimized":
@@ -131,7 +135,7 @@ def _our_jobs(subject: BenchModel, settings: Settings, calibrator: Calibrator,
                 else:
                     options = subject.schedules[schedule]
                 return sample_ours(subject, solver, nfe, schedule, options, noise, labels, settings.batch_size)
-            jobs.append(Job(_identity(subject, "accel", solver, schedule, nfe), make, prepare))
+            jobs.append(Job(_identity(subject, "accel", solver, schedule, nfe), make, prepare, variant))
     return jobs
 
 
@@ -177,6 +181,10 @@ def _signature(subject: BenchModel, settings: Settings) -> str:
             f"{subject.reference.describe()}")
 
 
+def _variant(signature: str, variant: str | None) -> str:
+    return f"{signature}:{variant}" if variant else signature
+
+
 def _reference(subject: BenchModel, settings: Settings, noise: torch.Tensor, labels: torch.Tensor,
                out_dir: Path) -> torch.Tensor:
     """The reference images, cached in out_dir under the run's signature."""
@@ -205,7 +213,8 @@ def bench_model(subject: BenchModel, configs: list[DiffusersConfig], betas: dict
     reference = None
     records = []
     for job in tqdm(jobs, desc=f"bench samplers {subject.name}", unit="config", position=position):
-        done = store.get(signature, report.record_key(job.record))
+        variant = job.variant() if job.variant is not None else ""
+        done = None if variant is None else store.get(_variant(signature, variant), report.record_key(job.record))
         if done is not None:
             records.append(done)
             continue
@@ -216,8 +225,10 @@ def bench_model(subject: BenchModel, configs: list[DiffusersConfig], betas: dict
         start = time.perf_counter()
         images = job.make(noise, labels)
         seconds = time.perf_counter() - start
+        variant = job.variant() if job.variant is not None else ""
         record = {**job.record, **evaluate(images, reference, labels), "seconds": round(seconds, 2),
-                  "samples": settings.samples, "guidance": subject.guidance, "signature": signature}
+                  "samples": settings.samples, "guidance": subject.guidance,
+                  "signature": _variant(signature, variant)}
         store.add(record)
         records.append(record)
     return records
