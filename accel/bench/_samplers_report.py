@@ -85,6 +85,20 @@ def best_per_nfe(records: Sequence[dict]) -> list[dict]:
     return sort_records(best.values())
 
 
+def psnr_pivot(records: Sequence[dict]) -> str:
+    """Markdown: per model, one row per origin/solver/schedule and one PSNR column per NFE."""
+    nfes = sorted({r["nfe"] for r in records})
+    rows: dict[tuple, dict[int, float]] = {}
+    for r in records:
+        rows.setdefault((r["model"], r["origin"], r["solver"], r["schedule"]), {})[r["nfe"]] = r["psnr"]
+    lines = ["| model | origin | solver / schedule | " + " | ".join(f"NFE {n}" for n in nfes) + " |",
+             "|---|---|---|" + "---:|" * len(nfes)]
+    for (model, origin, solver, schedule), values in sorted(rows.items()):
+        cells = [f"{values[n]:.2f}" if n in values else "-" for n in nfes]
+        lines.append(f"| {model} | {origin} | {solver} / {schedule} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def check_targets(records: Sequence[dict]) -> list[dict]:
     """At NFE 6 and 8 per model: our best (by PSNR) against diffusers' best (by PSNR).
 
@@ -184,7 +198,8 @@ def write_outputs(records: list[dict], skipped: list[str], settings: dict, timin
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(summary, indent=2))
     (out_dir / "samplers.md").write_text(
-        f"## Best per NFE and origin\n\n{markdown_table(best)}\n\n## All\n\n"
+        f"## Best per NFE and origin\n\n{markdown_table(best)}\n\n## PSNR (dB) by NFE\n\n{psnr_pivot(records)}\n\n"
+        f"## All\n\n"
         f"{markdown_table(records)}\n\n## Targets\n\n{format_targets(targets)}\n")
     plot(records, out_dir / "samplers.png")
     print(f"wrote {out_dir / 'samplers.json'}, samplers.md, samplers.png" + (f" and {json_path}" if json_path else ""))
