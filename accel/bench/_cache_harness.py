@@ -109,6 +109,7 @@ class Bench:
         self.calibrations: dict[str, dict] = {}
         self.reference: dict | None = None
         self.reference_images: torch.Tensor | None = None
+        self._last_pace: float | None = None
         self._probe = self._probe_inputs()
         self._bare = self._probe_output()
         self._layout = _module_layout(self.model.transformer)
@@ -170,8 +171,9 @@ class Bench:
     def pace(self) -> float:
         """Seconds of a short bare generation of the timed batch: the machine's current speed.
 
-        Wall-clock speedups divide each configuration's time by the pace measured around it (and
-        the reference's by its own), so a load that changes during a long run on a shared machine
+        Wall-clock speedups divide each configuration's time by the mean of the paces measured just
+        before and just after it (one pace run between consecutive configurations serves both),
+        and the reference's by its own, so a load that changes during a long run on a shared machine
         does not bias them; on an idle machine the correction is 1.
         """
         if self.settings.pace_steps <= 0:
@@ -200,16 +202,16 @@ class Bench:
         """Runs one configuration: counted generation, timing, removal check, quality."""
         started = time.perf_counter()
         steps = variant.steps or self.settings.reference_steps
-        self.calibration(variant.calibrate)  # before the pace, so it does not sit between
-        pace = self.pace()
+        self.calibration(variant.calibrate)
+        before = self._last_pace if self._last_pace is not None else self.pace()
         images, flops, wall, extra = self._run(variant, steps)
         restored = self.is_bare()
         if not restored:  # e.g. cache-dit keeps its patched forward, diffusers its hook registries
             self.model = load_flux_digits(self.settings.model_dir)
             if not self.is_bare():
                 raise RuntimeError(f"reloading the model after {variant.key} did not restore it")
-        pace = (pace + self.pace()) / 2
-        timing = {"flops": flops, "wall_seconds": wall, "pace_seconds": pace}
+        self._last_pace = self.pace()  # also the next configuration's "before"
+        timing = {"flops": flops, "wall_seconds": wall, "pace_seconds": (before + self._last_pace) / 2}
         return self._record(variant, steps, images, timing, restored, extra, started)
 
     def _record(self, variant: Variant, steps: int, images, timing: dict, restored: bool,
