@@ -1,0 +1,1 @@
+"""Training objectives plugged into the one loop of distill.training."""
