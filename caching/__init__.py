@@ -17,19 +17,23 @@ from .config import CacheConfig, RunSchedule, ScopeConfig, TriggerConfig, Update
 from .layouts import (BlockLayout, ModelLayout, get_model_layout, register_block_layout,
                       register_model_layout)
 from .presets import PRESETS, get_preset, list_presets, preset_parameters
-from .scopes import (AttentionScope, BlockRangeScope, DeepBranchScope, ResidualScope, SingleBlocksScope,
-                     TokenScope)
+from .router import (RouterSpec, apply_router, load_router, router_block_names, router_config,
+                     save_router)
+from .scopes import (AttentionScope, BlockRangeScope, DeepBranchScope, ResidualScope, RouterScope,
+                     SingleBlocksScope, TokenScope)
 from .stats import CacheStats, RunStats
-from .triggers import (BudgetTrigger, IntervalTrigger, MagCacheTrigger, ResidualTrigger, TeaCacheTrigger,
-                       calibrate_magcache, calibrate_teacache)
+from .triggers import (BudgetTrigger, IntervalTrigger, MagCacheTrigger, ResidualTrigger, RouterTrigger,
+                       TeaCacheTrigger, calibrate_magcache, calibrate_teacache)
 from .updates import FoCaUpdate, ReuseUpdate, TaylorUpdate
 
 __all__ = [
     "CacheConfig", "RunSchedule", "TriggerConfig", "ScopeConfig", "UpdateConfig",
     "apply_cache", "remove_cache", "get_cache", "CacheHandle", "CacheStats", "RunStats",
     "get_preset", "list_presets", "preset_parameters", "PRESETS",
-    "IntervalTrigger", "TeaCacheTrigger", "ResidualTrigger", "MagCacheTrigger", "BudgetTrigger",
+    "IntervalTrigger", "TeaCacheTrigger", "ResidualTrigger", "MagCacheTrigger", "BudgetTrigger", "RouterTrigger",
     "ResidualScope", "BlockRangeScope", "SingleBlocksScope", "AttentionScope", "TokenScope", "DeepBranchScope",
+    "RouterScope", "RouterSpec", "apply_router", "router_config", "router_block_names", "save_router",
+    "load_router",
     "ReuseUpdate", "TaylorUpdate", "FoCaUpdate",
     "calibrate_teacache", "calibrate_magcache", "fit_teacache_polynomial", "TeaCacheCalibration",
     "MagCacheCalibration",

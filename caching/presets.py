@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from .config import CacheConfig, ScopeConfig, TriggerConfig
+from .router import load_router, router_config
 from .scopes import (AttentionScope, BlockRangeScope, DeepBranchScope, ResidualScope, SingleBlocksScope,
                      TokenScope)
 from .triggers import BudgetTrigger, IntervalTrigger, MagCacheTrigger, ResidualTrigger, TeaCacheTrigger
@@ -114,6 +115,21 @@ _register(Preset(
     "head-residual drift spent per refresh and per run x blocks 1.. x reuse",
     {"threshold": 0.2, "total": None, "first": 1, "last": 0},
     lambda p: (BudgetTrigger(p["threshold"], p["total"]), BlockRangeScope(first=p["first"], last=p["last"]))))
+
+
+def _router(params: dict[str, Any]) -> tuple[TriggerConfig, ScopeConfig]:
+    """The hard-mode router of the file `path` (its recorded threshold unless `threshold` is given)."""
+    if params["path"] is None:
+        raise ValueError("preset 'router' needs path=<router .safetensors file> (written by caching.save_router, "
+                         "e.g. by accel train with the router objective)")
+    config = router_config(load_router(params["path"]), "hard", threshold=params["threshold"])
+    return config.trigger, config.scope
+
+
+_register(Preset(
+    "router", "Learning-to-Cache: Accelerating Diffusion Transformer via Layer Caching (Ma et al. 2024)",
+    "arXiv:2406.01733", "learned per-step, per-block gates x each block's residual x reuse",
+    {"path": None, "threshold": None}, _router))
 
 
 def _update(params: dict[str, Any]):
