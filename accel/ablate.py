@@ -27,8 +27,7 @@ from tqdm import tqdm
 from accel.ablation_report import write_ablation_outputs
 from accel.distributed import is_main_process, process_state, wait_for_everyone
 from accel.execute import (Evaluator, add_speedups, build_inputs, load_embedded_model, measure_plan,
-                           measure_stack, plan_from)
-from accel.generate import flux_digits_denoiser
+                           measure_stack, plan_from, reference_denoiser, reference_guidance)
 from accel.recipe.schema import Recipe
 from accel.recipe.validate import validate_recipe
 from accel.stack import StackError
@@ -132,13 +131,14 @@ class CellStore:
         return load_file(path)["images"] if path.is_file() else None
 
 
-def _reference(recipe, model, denoiser, inputs, store: CellStore) -> tuple[dict, torch.Tensor]:
+def _reference(recipe, model, inputs, store: CellStore) -> tuple[dict, torch.Tensor]:
     """The reference record and images, measured once and kept for resumption."""
     path = store.folder / "reference.json"
     if path.is_file() and store.images("reference") is not None:
         return json.loads(path.read_text()), store.images("reference")
-    record, images = measure_plan("reference", "reference", plan_from(recipe.eval.reference), denoiser,
-                                  inputs, recipe)
+    record, images = measure_plan("reference", "reference", plan_from(recipe.eval.reference),
+                                  reference_denoiser(recipe, model), inputs, recipe,
+                                  guidance_scale=reference_guidance(recipe))
     if is_main_process():
         save_file({"images": images.contiguous()}, store.folder / "cells" / "reference.safetensors")
         path.write_text(json.dumps(record, default=str))
@@ -146,10 +146,10 @@ def _reference(recipe, model, denoiser, inputs, store: CellStore) -> tuple[dict,
     return record, images
 
 
-def _measure_cell(cell: Cell, recipe, model, denoiser, inputs, reference, ref_images, evaluate):
+def _measure_cell(cell: Cell, recipe, model, inputs, reference, ref_images, evaluate):
     base = {"key": cell.key, "label": cell.label, "kind": cell.kind, "overrides": cell.overrides}
     try:
-        record, images = measure_stack(cell.label, cell_recipe(recipe, cell), model, denoiser, inputs, split=False)
+        record, images = measure_stack(cell.label, cell_recipe(recipe, cell), model, inputs, split=False)
     except (StackError, ValueError) as error:
         return {**base, "skipped": str(error)}, None
     record.update(base)
@@ -164,9 +164,8 @@ def run_ablation(recipe: DictConfig) -> list[dict] | None:
     folder = Path(recipe.output.dir) / recipe.name
     store = CellStore(folder)
     model = load_embedded_model(recipe.model.name, recipe.model.device)
-    denoiser = flux_digits_denoiser(model, recipe.guidance.scale)
     inputs = build_inputs(recipe)
-    reference, ref_images = _reference(recipe, model, denoiser, inputs, store)
+    reference, ref_images = _reference(recipe, model, inputs, store)
     evaluate = Evaluator(recipe, inputs.labels)
     cells = grid_cells(recipe)
     done = store.finished()
@@ -174,7 +173,7 @@ def run_ablation(recipe: DictConfig) -> list[dict] | None:
     if is_main_process() and done:
         print(f"resuming: {len(done)} of {len(cells)} cells already finished", flush=True)
     for cell in tqdm(mine, desc="ablation", disable=not is_main_process()):
-        record, images = _measure_cell(cell, recipe, model, denoiser, inputs, reference, ref_images, evaluate)
+        record, images = _measure_cell(cell, recipe, model, inputs, reference, ref_images, evaluate)
         store.add(record, images)
     wait_for_everyone()
     if not is_main_process():

@@ -18,8 +18,8 @@ from accel import measure
 from accel.distributed import batch_slices, is_main_process, map_batches
 from accel.embedded import FLUX_DIGITS_DIR, JudgeFeatures, load_flux_digits, load_judge
 from accel.embedded.data import real_reference_set
-from accel.generate import SamplingPlan, generate, sample_noise
-from accel.native import installed_cache, plan_of, resolve_recipe
+from accel.generate import SamplingPlan, flux_digits_denoiser, generate, sample_noise
+from accel.native import installed_adapters, installed_cache, plan_of, resolve_recipe
 
 
 @dataclass
@@ -112,7 +112,7 @@ def reference_cache_key(recipe: DictConfig, plan: SamplingPlan, model_dir: Path)
         digest.update(path.read_bytes())
     digest.update(json.dumps({
         "plan": [plan.solver, plan.steps, plan.schedule, plan.schedule_params, plan.solver_params],
-        "inputs": OmegaConf.to_container(recipe.inputs), "guidance": recipe.guidance.scale,
+        "inputs": OmegaConf.to_container(recipe.inputs), "guidance": reference_guidance(recipe),
         "model": [recipe.model.device, recipe.model.dtype], "torch": torch.__version__,
         "threads": torch.get_num_threads()}, sort_keys=True, default=str).encode())
     return digest.hexdigest()[:20]
@@ -132,14 +132,27 @@ def _cached_generation(cache_file: Path | None, generate_fn) -> tuple[torch.Tens
     return images, flops
 
 
+def reference_guidance(recipe: DictConfig) -> float:
+    """The reference's guidance scale: eval.reference.guidance_scale, else the recipe's guidance.scale."""
+    scale = recipe.eval.reference.get("guidance_scale")
+    return float(recipe.guidance.scale if scale is None else scale)
+
+
+def reference_denoiser(recipe: DictConfig, model):
+    """The full-compute reference's denoiser: the base model (no adapters) at the reference guidance."""
+    return flux_digits_denoiser(model, reference_guidance(recipe))
+
+
 def measure_plan(label: str, kind: str, plan: SamplingPlan, denoiser, inputs: Inputs,
-                 recipe: DictConfig, split: bool = True, cache_file: Path | None = None) -> tuple[dict, torch.Tensor]:
+                 recipe: DictConfig, split: bool = True, cache_file: Path | None = None,
+                 guidance_scale: float | None = None) -> tuple[dict, torch.Tensor]:
     """Generates all samples under the FLOP counter, then times a batch; returns (record, images).
 
     Wall-clock is the median of `eval.timing_repeats` timed generations of the first
     `eval.timing_batch` samples after one warm-up, measured on the main process (on this process
     when not `split`). With `cache_file` (the reference), images and counted FLOPs of an identical
     earlier generation are reused; the wall-clock is always measured anew, beside the run.
+    `guidance_scale` (default: the recipe's) sets the passes counted in `nfe`.
     """
     device = recipe.model.device
     images, flops = _cached_generation(
@@ -155,17 +168,19 @@ def measure_plan(label: str, kind: str, plan: SamplingPlan, denoiser, inputs: In
         "label": label, "kind": kind, "solver": plan.solver, "steps": plan.steps,
         "schedule": plan.schedule, "schedule_params": plan.schedule_params,
         "solver_params": plan.solver_params,
-        "nfe": plan.nfe(recipe.guidance.scale), "flops": flops, "tflops": flops / 1e12,
+        "nfe": plan.nfe(recipe.guidance.scale if guidance_scale is None else guidance_scale), "flops": flops, "tflops": flops / 1e12,
         "wall_seconds": wall, "peak_memory_mb": measure.peak_memory_mb(device),
     }
     return record, images
 
 
-def measure_stack(label: str, recipe: DictConfig, model, denoiser, inputs: Inputs,
+def measure_stack(label: str, recipe: DictConfig, model, inputs: Inputs,
                   split: bool = True) -> tuple[dict, torch.Tensor]:
-    """Resolves the recipe's stack, installs it, measures it; the record carries the resolved stack."""
+    """Resolves the recipe's stack, installs it (adapters, then the cache, calibrated with the
+    adapters in place), measures it; the record carries the resolved stack."""
     resolved = resolve_recipe(recipe, model)
-    with installed_cache(model, resolved, denoiser, recipe) as cache:
+    denoiser = flux_digits_denoiser(model, resolved.stack.guidance.scale)
+    with installed_adapters(model, resolved), installed_cache(model, resolved, denoiser, recipe) as cache:
         record, images = measure_plan(label, "stack", plan_of(resolved), denoiser, inputs, recipe, split)
         if cache is not None:
             record["cache_last_generation"] = cache.stats.last_run().to_dict()

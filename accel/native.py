@@ -11,7 +11,7 @@ from omegaconf import DictConfig
 
 import caching
 from accel.generate import SamplingPlan, generate, sample_noise
-from accel.resolve import ResolvedStack, RunInfo, resolve
+from accel.resolve import ResolvedStack, RunInfo, adapter_file, resolve
 from accel.stack import Stack
 
 CALIBRATION_SEED_OFFSET = 7_777_777  # calibration noise never overlaps the measured seeds
@@ -36,6 +36,33 @@ def plan_of(resolved: ResolvedStack) -> SamplingPlan:
     sampler = resolved.stack.sampler
     return SamplingPlan(solver=sampler.solver, steps=sampler.steps, schedule=sampler.schedule,
                         schedule_params=dict(sampler.schedule_params), solver_params=dict(sampler.solver_params))
+
+
+@contextlib.contextmanager
+def installed_adapters(model, resolved: ResolvedStack) -> Iterator[list[str]]:
+    """Loads the stack's LoRA adapters into the transformer (diffusers' `load_lora_adapter`, the
+    file's `transformer.` keys), sets their scales, fuses them if asked; unloads them on exit, so
+    the base weights are exactly restored (fused weights from a copy kept before fusing). Yields
+    the adapter names."""
+    adapters = resolved.stack.adapters
+    transformer = model.transformer
+    names = [f"accel_{index}" for index in range(len(adapters))]
+    if not adapters:
+        yield names
+        return
+    original = {k: v.detach().clone() for k, v in transformer.state_dict().items()} if adapters[0].fuse else None
+    try:
+        for name, adapter in zip(names, adapters):
+            transformer.load_lora_adapter(str(adapter_file(adapter.path)), prefix="transformer", adapter_name=name)
+        transformer.set_adapters(names, weights=[adapter.scale for adapter in adapters])
+        if adapters[0].fuse:
+            transformer.fuse_lora(adapter_names=names)
+        yield names
+    finally:
+        if getattr(transformer, "peft_config", None):
+            transformer.unload_lora()
+        if original is not None:
+            transformer.load_state_dict(original)
 
 
 @contextlib.contextmanager

@@ -11,8 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 from accel import measure
 from accel.distributed import is_main_process, process_state, wait_for_everyone
 from accel.execute import (Evaluator, add_speedups, build_inputs, load_embedded_model, measure_plan, measure_stack,
-                           model_folder, plan_from, reference_cache_key)
-from accel.generate import flux_digits_denoiser
+                           model_folder, plan_from, reference_cache_key, reference_denoiser, reference_guidance)
 from accel.recipe import to_yaml
 from accel.report import format_table, markdown_table, save_grid
 
@@ -25,7 +24,7 @@ def run_recipe(recipe: DictConfig) -> dict | None:
     """
     torch.manual_seed(recipe.inputs.seed)
     model = load_embedded_model(recipe.model.name, recipe.model.device)
-    denoiser = flux_digits_denoiser(model, recipe.guidance.scale)
+    denoiser = reference_denoiser(recipe, model)
     inputs = build_inputs(recipe)
     ref_plan = plan_from(recipe.eval.reference)
     cache_file = None
@@ -33,8 +32,8 @@ def run_recipe(recipe: DictConfig) -> dict | None:
         key = reference_cache_key(recipe, ref_plan, model_folder(recipe.model.name))
         cache_file = Path(recipe.output.dir) / ".reference-cache" / f"{key}.safetensors"
     reference, ref_images = measure_plan("reference", "reference", ref_plan, denoiser, inputs, recipe,
-                                         cache_file=cache_file)
-    configured, run_images = measure_stack(recipe.name, recipe, model, denoiser, inputs)
+                                         cache_file=cache_file, guidance_scale=reference_guidance(recipe))
+    configured, run_images = measure_stack(recipe.name, recipe, model, inputs)
     configured["kind"] = "run"
     stack = configured.pop("stack")
     summary = None

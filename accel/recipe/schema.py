@@ -76,6 +76,7 @@ class ReferenceConfig:
     schedule: str = "flow"
     schedule_params: dict[str, Any] = field(default_factory=dict)
     solver_params: dict[str, Any] = field(default_factory=dict)
+    guidance_scale: Optional[float] = None  # the reference's CFG scale; null: the recipe's guidance.scale
 
 
 @dataclass
