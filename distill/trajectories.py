@@ -49,6 +49,16 @@ class Trajectories:
         return Trajectories(self.sigmas, self.states[index], self.x0[index],
                             {k: v[index] for k, v in self.cond.items()}, self.meta)
 
+    def states_at(self, sigmas: torch.Tensor) -> torch.Tensor:
+        """States (N, len(sigmas), *shape) at any sigmas in the recorded range, linearly
+        interpolated in sigma between the two recorded states around each (exact on the grid)."""
+        grid = self.sigmas.double()
+        wanted = sigmas.double().clamp(float(grid[-1]), float(grid[0]))
+        upper = torch.searchsorted(-grid, -wanted, right=False).clamp(1, len(grid) - 1)
+        weight = ((grid[upper - 1] - wanted) / (grid[upper - 1] - grid[upper])).to(self.states.dtype)
+        weight = weight.view(1, -1, *([1] * (self.states.ndim - 2)))
+        return torch.lerp(self.states[:, upper - 1], self.states[:, upper], weight)
+
     def save(self, path: str | Path) -> None:
         tensors = {"sigmas": self.sigmas, "states": self.states, "x0": self.x0}
         tensors.update({f"cond.{k}": v for k, v in self.cond.items()})

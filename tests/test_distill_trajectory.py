@@ -116,3 +116,12 @@ def test_bad_config_is_refused():
         TrajectoryConfig(solver="heun")
     with pytest.raises(ValueError, match="loss must be one of"):
         TrajectoryConfig(loss="bogus")
+
+
+def test_states_between_grid_points_are_interpolated(tmp_path):
+    trajectories = recorded(tmp_path)
+    grid = trajectories.sigmas
+    on_grid = trajectories.states_at(grid[[0, 3, 12]])
+    torch.testing.assert_close(on_grid, trajectories.states[:, [0, 3, 12]])
+    middle = trajectories.states_at(((grid[4] + grid[5]) / 2).reshape(1))
+    torch.testing.assert_close(middle[:, 0], (trajectories.states[:, 4] + trajectories.states[:, 5]) / 2)

@@ -33,7 +33,7 @@ from torch import nn
 
 import samplers
 from distill.objective import seeded_generator
-from distill.trajectories import Trajectories, snap_to_grid
+from distill.trajectories import Trajectories
 from samplers.loop import run_solver
 
 LOSSES = ("segments", "rollout")
@@ -46,7 +46,8 @@ class TrajectoryConfig:
     Attributes:
         steps: student solver steps.
         solver: student solver (samplers registry; one evaluation per step).
-        schedule: the student's schedule (samplers registry), snapped to the teacher's grid.
+        schedule: the student's schedule (samplers registry); teacher states between two recorded
+            sigmas are interpolated linearly (exact when the student's sigmas are on the grid).
         batch_size: trajectories per micro-batch.
         loss: "segments" or "rollout" (see the module docstring).
         seed: batch selection seed.
@@ -96,9 +97,7 @@ class TrajectoryDistillation:
         self._teacher = teacher
         self.config = config
         self._export = export
-        wanted = samplers.make_sigmas(config.schedule, config.steps, student.schedule)
-        self.grid_index = snap_to_grid(wanted, teacher.sigmas)
-        self.sigmas = teacher.sigmas[self.grid_index].to(torch.float32)
+        self.sigmas = samplers.make_sigmas(config.schedule, config.steps, student.schedule).to(torch.float32)
         self._remove_cache = install_cache() if install_cache is not None else None
 
     def module(self) -> nn.Module:
@@ -110,12 +109,13 @@ class TrajectoryDistillation:
         index = torch.randint(len(self._teacher), (self.config.batch_size,), generator=generator)
         batch = self._teacher.batch(index)
         device = next(self._module.parameters()).device
-        targets = batch.states[:, self.grid_index[1:]].to(device)
+        points = batch.states_at(self.sigmas).to(device)
+        targets = points[:, 1:]
         cond = {k: v.to(device) for k, v in batch.cond.items()}
         if self.config.loss == "rollout":
-            states = self.rollout(batch.states[:, 0].to(device), cond)
+            states = self.rollout(points[:, 0], cond)
         else:
-            states = self._segment_steps(batch.states[:, self.grid_index[:-1]].to(device), cond)
+            states = self._segment_steps(points[:, :-1], cond)
         return torch.mean((states - targets) ** 2)
 
     def rollout(self, noise: torch.Tensor, cond: dict[str, torch.Tensor]) -> torch.Tensor:
