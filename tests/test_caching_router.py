@@ -295,3 +295,26 @@ def test_removal_restores_the_model_exactly(flux):
         assert not all(torch.equal(a, b) for a, b in zip(before, cached)), mode
     assert {name: set(vars(m)) for name, m in flux.model.named_modules()} == before_attributes
     assert all(torch.equal(a, b) for a, b in zip(run_steps(flux, 4), before))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_router_does_not_sync():
+    model = ToyTransformer(dim=4, num_blocks=3, kind="mlp").cuda().eval()
+    inputs = [dict(hidden_states=torch.randn(2, 5, 4, device="cuda"), temb=torch.zeros(2, device="cuda"))
+              for _ in range(5)]
+    logits = torch.nn.Parameter(torch.zeros(5, 3, device="cuda"))
+    for mode, gates in (("hard", random_mask(5, 3).cuda()), ("soft", lambda: torch.sigmoid(logits))):
+        handle = apply_router(model, gates, mode, count_flops=False)
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            generation, outputs = new_generation(), []
+            for index, kwargs in enumerate(inputs):
+                with publish_step(StepContext(index, 5, 1.0, 1000.0, generation=generation)):
+                    outputs.append(model(**kwargs)[0])
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+            remove_cache(model)
+        assert outputs[-1].is_cuda and handle.stats.last_run().steps_computed()[0] == 0, mode
+    sum(o.square().sum() for o in outputs).backward()
+    assert logits.grad.is_cuda and torch.isfinite(logits.grad).all() and (logits.grad[1:] != 0).all()
