@@ -38,7 +38,14 @@ class Objective(Protocol):
         ...
 
     def loss(self, step: int, micro_batch: int) -> torch.Tensor:
-        """The scalar loss of micro-batch `micro_batch` of optimizer step `step` (0-based)."""
+        """The scalar loss of micro-batch `micro_batch` of optimizer step `step` (0-based).
+
+        `micro_batch` is global across processes: with P processes and A accumulation
+        micro-batches, process p computes micro-batches p * A .. p * A + A - 1, so every run with
+        the same P * A sees the same data. The loop calls this inside a forward of a wrapper that
+        holds `module()` (accelerate's autocast, DDP and DeepSpeed apply) and may have moved that
+        module to an accelerator: put the batch on the device of its parameters.
+        """
         ...
 
     def export(self, out_dir: Path) -> Path:

@@ -1,0 +1,97 @@
+"""Optimizer state to and from safetensors, for plain/DDP accelerate and for DeepSpeed ZeRO 0-2.
+
+Plain and DDP runs: every process holds the same AdamW state, so the main process writes it once
+(`optimizer.safetensors`), tensors named "<param index>.<key>" in the optimizer's own order.
+
+DeepSpeed ZeRO-1/2 partitions the optimizer: each process owns a flat fp32 master partition per
+parameter group (`single_partition_of_fp32_groups`) and the AdamW moments of that partition, held
+by the plain torch optimizer DeepSpeed wraps (`engine.optimizer.optimizer`). Each process writes
+those tensors to `optimizer-rank<r>.safetensors` and reads its own file back, so a resume needs
+the same number of processes. This reads two attributes of DeepSpeed's ZeRO-1/2 optimizer
+(see `_zero_optimizer`); `accelerator.save_state` is not used because
+DeepSpeed's own checkpoints pickle the weights. Under DeepSpeed fp16 the dynamic loss scale
+restarts on resume; bf16 and fp32 resume exactly.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+
+from distill.training.checkpoint import (
+    OPTIMIZER,
+    Checkpoint,
+    optimizer_from_tensors,
+    optimizer_to_tensors,
+    save_tensors,
+)
+
+
+def is_deepspeed(accelerator) -> bool:
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type == DistributedType.DEEPSPEED
+
+
+def optimizer_files(accelerator) -> list[str]:
+    """The optimizer files a checkpoint of this run must hold."""
+    if is_deepspeed(accelerator):
+        return [f"optimizer-rank{r}.safetensors" for r in range(accelerator.num_processes)]
+    return [OPTIMIZER]
+
+
+def _zero_optimizer(optimizer):
+    """DeepSpeed's ZeRO optimizer behind accelerate's wrapper."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    if not hasattr(inner, "single_partition_of_fp32_groups"):
+        raise RuntimeError(f"unsupported DeepSpeed optimizer {type(inner).__name__}: the loop needs ZeRO stage 1 or 2")
+    return inner
+
+
+def save_optimizer(accelerator, optimizer, folder: Path) -> None:
+    """Writes this process's share of the optimizer state into the staging `folder`.
+
+    Plain/DDP: only the main process writes. DeepSpeed: every process writes its partition.
+    """
+    if is_deepspeed(accelerator):
+        zero = _zero_optimizer(optimizer)
+        tensors, numbers = optimizer_to_tensors(zero.optimizer.state_dict())
+        tensors = {f"state.{k}": v for k, v in tensors.items()}
+        numbers = [f"state.{k}" for k in numbers]
+        for index, partition in enumerate(zero.single_partition_of_fp32_groups):
+            tensors[f"fp32.{index}"] = partition
+        name = f"optimizer-rank{accelerator.process_index}.safetensors"
+    elif accelerator.is_main_process:
+        tensors, numbers = optimizer_to_tensors(optimizer.state_dict())
+        name = OPTIMIZER
+    else:
+        return
+    save_tensors(folder / name, tensors)
+    (folder / (name + ".numbers.json")).write_text(json.dumps(numbers))
+
+
+def _read(checkpoint: Checkpoint, name: str) -> tuple[dict[str, torch.Tensor], list[str]]:
+    numbers = json.loads((checkpoint.path / (name + ".numbers.json")).read_text())
+    with safe_open(str(checkpoint.path / name), framework="pt") as handle:
+        tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    return tensors, numbers
+
+
+def load_optimizer(accelerator, optimizer, checkpoint: Checkpoint) -> None:
+    """Restores the optimizer state written by `save_optimizer` (same number of processes)."""
+    if is_deepspeed(accelerator):
+        zero = _zero_optimizer(optimizer)
+        tensors, numbers = _read(checkpoint, f"optimizer-rank{accelerator.process_index}.safetensors")
+        with torch.no_grad():
+            for index, partition in enumerate(zero.single_partition_of_fp32_groups):
+                partition.copy_(tensors[f"fp32.{index}"])
+        state = {k[len("state."):]: v for k, v in tensors.items() if k.startswith("state.")}
+        numbers = [k[len("state."):] for k in numbers]
+        inner = zero.optimizer
+        inner.load_state_dict(optimizer_from_tensors(state, numbers, inner.state_dict()["param_groups"]))
+        return
+    tensors, numbers = _read(checkpoint, OPTIMIZER)
+    optimizer.load_state_dict(optimizer_from_tensors(tensors, numbers, optimizer.state_dict()["param_groups"]))
