@@ -26,7 +26,7 @@ The first step (and warm-up, cool-down, any call with an empty cache) computes e
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, ClassVar
 
 import torch
 from diffusers.hooks import ModelHook
