@@ -303,9 +303,38 @@ def step_reuse_needs_steps(stack: Stack, run: RunInfo) -> Decision:
                                          "the last block always run, the middle ones are cached"]
 
 
+def router_trained_for(stack: Stack, run: RunInfo) -> Decision:
+    """A learned router runs only with the solver and step count it was trained for."""
+    if stack.cache is None or stack.cache.preset != "router":
+        return stack, []
+    import caching
+
+    path = stack.cache.params.get("path")
+    if not path:
+        raise StackError("cache router: no router file; set cache.params.path to a router .safetensors "
+                         "(trained with `accel train`)")
+    try:
+        spec = caching.load_router(path)
+    except (OSError, ValueError) as error:
+        raise StackError(f"cache router: {error}") from None
+    wanted = {"solver": spec.solver, "steps": spec.num_steps}
+    have = {"solver": stack.sampler.solver, "steps": run.num_steps}
+    mismatched = [k for k, v in wanted.items() if v is not None and have[k] != v]
+    if mismatched:
+        raise StackError(f"cache router {path} was trained for solver={spec.solver}, steps={spec.num_steps}, but the "
+                         f"sampler gives solver={have['solver']}, steps={have['steps']}; set "
+                         + ", ".join(f"sampler.{k}={wanted[k]}" for k in mismatched) + " or train a router for this "
+                         "sampler")
+    computed = spec.computed_fraction(stack.cache.params.get("threshold"))
+    return stack, [f"router-trained-for: {Path(path).name} trained for {spec.solver} {spec.num_steps} steps -> "
+                   f"matches; {computed:.0%} of block evaluations computed, reuse (no forecast: it was trained "
+                   "with reuse)"]
+
+
 def multistep_needs_forecast(stack: Stack, run: RunInfo) -> Decision:
-    """A multistep solver fed plainly reused outputs loses its history term: forecast instead."""
-    if stack.cache is None or not stack.sampler.is_multistep:
+    """A multistep solver fed plainly reused outputs loses its history term: forecast instead
+    (not for a learned router, whose gates were trained with plain reuse)."""
+    if stack.cache is None or not stack.sampler.is_multistep or stack.cache.preset == "router":
         return stack, []
     if stack.cache.build().update.name != "reuse":
         return stack, []
@@ -342,7 +371,8 @@ def trajectory_fractions(stack: Stack, run: RunInfo) -> Decision:
 
 RULES: tuple[Rule, ...] = (
     steps_match_run, prediction_fits_solver, adapters_trained_for, adapters_fuse_then_calibrate, guidance_distilled,
-    guidance_branches, scope_fits_model, step_reuse_needs_steps, multistep_needs_forecast, trajectory_fractions,
+    guidance_branches, scope_fits_model, step_reuse_needs_steps, router_trained_for, multistep_needs_forecast,
+    trajectory_fractions,
 )
 
 

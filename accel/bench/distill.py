@@ -1,0 +1,157 @@
+"""`accel bench distill [--quick] [--json PATH]`: the shipped adapters and router against plain
+solvers and caches, in one run on the embedded flow model.
+
+Every configuration samples the same seeded noise and labels, through the same code as `accel
+run` (recipes with overrides, adapters loaded with diffusers' LoRA loader, caches installed by
+the resolver), and is measured against the 50-step Euler reference with guidance 4 of the same
+seeds: FLOPs counted by torch (`flops_speedup` = reference FLOPs / FLOPs), PSNR, SSIM, FD to real
+digits in the judge's features and the judge's accuracy. Records carry `nfe` (solver evaluations
+per guidance branch), `model_calls` (NFE times the guidance passes), `cache` (a preset name or
+null) and `adapter` (null, "step", "cache-aware" or "router").
+
+Adapters live in accel/embedded/weights/adapters/ (trained by `accel train recipes/train/...`);
+a missing one is skipped with a note. Outputs under out_dir: distill.json, distill.md,
+distill.png (FLOPs speedup vs PSNR) and distill-<mode>.jsonl (finished records a rerun skips).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from accel.bench import _distill_report as report
+from accel.embedded.model import WEIGHTS_DIR
+from accel.execute import (Evaluator, add_speedups, build_inputs, load_embedded_model, measure_plan, measure_stack,
+                           plan_from, reference_denoiser, reference_guidance)
+from accel.recipe import load_recipe
+
+ADAPTERS_DIR = WEIGHTS_DIR / "adapters"
+DISTILLED = ["guidance.scale=1.0", "guidance.distilled=true"]
+
+
+@dataclass(frozen=True)
+class Config:
+    """One measured configuration.
+
+    Attributes:
+        label: row name.
+        overrides: recipe overrides on embedded-demo.
+        cache: the cache preset (None: no cache).
+        adapter: None, "step", "cache-aware" or "router".
+        needs: files under ADAPTERS_DIR it needs (skipped when absent).
+    """
+
+    label: str
+    overrides: tuple[str, ...]
+    cache: str | None = None
+    adapter: str | None = None
+    needs: tuple[str, ...] = ()
+
+
+def _adapter(name: str) -> str:
+    return f"adapters=[{{path: {ADAPTERS_DIR / name}}}]"
+
+
+def configurations(quick: bool) -> list[Config]:
+    """Plain solvers at the adapters' NFE, the adapters, the cache without and with its adapter, the router."""
+    out = []
+    for steps in (4, 8):
+        for solver in ("euler", "dpmpp_2m", "unipc_bh2"):
+            out.append(Config(f"{solver} {steps}", (f"sampler.solver={solver}", f"sampler.steps={steps}")))
+        out.append(Config(f"step LoRA {steps}", ("sampler.solver=euler", f"sampler.steps={steps}", *DISTILLED,
+                                                 _adapter(f"step-{steps}")), adapter="step", needs=(f"step-{steps}",)))
+    aware = _cache_aware_spec()
+    if aware is not None:
+        steps, preset, params = aware
+        cache = (f"sampler.steps={steps}", "sampler.solver=euler", f"cache.preset={preset}",
+                 "cache.params={" + ", ".join(f"{k}: {v}" for k, v in params.items()) + "}")
+        out.append(Config(f"euler {steps} + {preset}", cache, cache=preset))
+        out.append(Config(f"cache-aware LoRA {steps} + {preset}", (*cache, *DISTILLED, _adapter("cache-aware")),
+                          cache=preset, adapter="cache-aware", needs=("cache-aware",)))
+    router = ADAPTERS_DIR / "router" / "router.safetensors"
+    for threshold in ((0.5,) if quick else (0.3, 0.5, 0.7)):
+        out.append(Config(f"euler 50 + router@{threshold:g}", (
+            "sampler.steps=50", "cache.preset=router", f"cache.params={{path: {router}, threshold: {threshold}}}"),
+            cache="router", adapter="router", needs=("router",)))
+    return out
+
+
+def _cache_aware_spec() -> tuple[int, str, dict] | None:
+    """(steps, preset, params) the shipped cache-aware adapter was trained for, from its metadata."""
+    path = ADAPTERS_DIR / "cache-aware" / "training.json"
+    if not path.is_file():
+        return None
+    info = json.loads(path.read_text())
+    return int(info["steps"]), str(info["cache"]), dict(info.get("cache_params") or {})
+
+
+def fingerprint(quick: bool) -> str:
+    """Hash of the shipped adapters, the base weights and the mode: journal records of another are redone."""
+    digest = hashlib.sha256(str(quick).encode())
+    for path in sorted(WEIGHTS_DIR.rglob("*.safetensors")):
+        if "checkpoint" not in path.parts[-2]:
+            digest.update(path.name.encode() + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def base_recipe(quick: bool, overrides: tuple[str, ...] = ()):
+    """embedded-demo with the bench's inputs: quick 10 x 4 samples (seed 0), full 10 x 10 (seed 1)."""
+    inputs = ["inputs.samples_per_class=4", "inputs.seed=0", "eval.timing_batch=10", "eval.timing_repeats=1"] \
+        if quick else ["inputs.samples_per_class=10", "inputs.seed=1", "eval.timing_batch=20", "eval.timing_repeats=3"]
+    return load_recipe("embedded-demo", [*inputs, "output.dir=runs/bench-distill", *overrides])
+
+
+def _record(config: Config, record: dict, steps_passes: float) -> dict:
+    stack = record.pop("stack", None)
+    record.update({"method": config.label, "cache": config.cache, "adapter": config.adapter,
+                   "model_calls": record["nfe"], "nfe": int(round(record["nfe"] / steps_passes)),
+                   "resolved": (stack or {}).get("decisions")})
+    return record
+
+
+def run(quick: bool, json_path: Path | None, out_dir: Path) -> list[dict]:
+    """Measures every configuration (resuming finished ones); returns the records, reference first."""
+    started = time.perf_counter()
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    mode = "quick" if quick else "full"
+    recipe = base_recipe(quick)
+    model = load_embedded_model(recipe.model.name, recipe.model.device)
+    inputs = build_inputs(recipe)
+    evaluate = Evaluator(recipe, inputs.labels)
+    print(f"accel bench distill ({mode}): {len(inputs.labels)} samples (seed {recipe.inputs.seed}), 50-step Euler "
+          f"reference, guidance {reference_guidance(recipe):g}, {torch.get_num_threads()} threads")
+    reference, ref_images = measure_plan("reference", "reference", plan_from(recipe.eval.reference),
+                                         reference_denoiser(recipe, model), inputs, recipe, split=False,
+                                         guidance_scale=reference_guidance(recipe))
+    add_speedups(reference, reference).update(evaluate(ref_images, ref_images))
+    records = [{**reference, "method": "reference (euler 50)", "cache": None, "adapter": None,
+                "model_calls": reference["nfe"], "nfe": reference["nfe"] // 2}]
+    journal = out_dir / f"distill-{mode}.jsonl"
+    key = fingerprint(quick)
+    lines = journal.read_text().splitlines() if journal.is_file() else []
+    done = {r["method"]: r for r in map(json.loads, lines) if r.get("fingerprint") == key}
+    todo = configurations(quick)
+    for config in tqdm(todo, desc="distill", unit="config"):
+        missing = [n for n in config.needs if not (ADAPTERS_DIR / n).exists()]
+        if missing:
+            print(f"skipped {config.label}: no {', '.join(missing)} under {ADAPTERS_DIR} (train it first)")
+            continue
+        if config.label in done:
+            records.append(done[config.label])
+            continue
+        cell = base_recipe(quick, config.overrides)
+        record, images = measure_stack(config.label, cell, model, inputs, split=False)
+        add_speedups(record, reference).update(evaluate(images, ref_images))
+        record = {**_record(config, record, 1.0 if cell.guidance.scale == 1.0 else 2.0), "fingerprint": key}
+        with journal.open("a") as handle:
+            handle.write(json.dumps(record, default=str) + "\n")
+        records.append(record)
+    report.write(records, out_dir, json_path, mode, time.perf_counter() - started)
+    return records

@@ -1,0 +1,132 @@
+"""The embedded flow model wired to distill/'s objectives: teacher trajectories, LoRA students,
+the cache a cache-aware adapter trains under, and the learned router.
+
+distill/ knows no model; this module supplies the embedded one. Every objective learns from the
+same teacher: the evaluation reference (50-step Euler, uniform flow times, guidance 4) run on
+training seeds that no measurement uses (`TRAIN_SEED`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+import caching
+import samplers
+from accel.embedded import FluxDigits
+from accel.generate import flux_digits_denoiser, sample_noise
+from accel.resolve import resolve
+from accel.stack import CachePlan, GuidancePlan, SamplerPlan, Stack
+from distill.lora import add_lora, save_lora
+from distill.objectives.router import RouterConfig, RouterLogits, RouterObjective
+from distill.objectives.trajectory import TrajectoryConfig, TrajectoryDistillation
+from distill.trajectories import Trajectories, record_trajectories
+
+TRAIN_SEED = 1000  # measured runs use seeds 0 and 1; cache calibration uses seed + 7,777,777
+LORA_FILE = "pytorch_lora_weights.safetensors"
+ROUTER_FILE = "router.safetensors"
+
+
+def model_fingerprint(model: FluxDigits) -> str:
+    """A short hash of the model's weights (trajectories are tied to it)."""
+    digest = hashlib.sha256()
+    for module in (model.transformer, model.conditioner):
+        for name, tensor in sorted(module.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:12]
+
+
+def teacher_trajectories(model: FluxDigits, folder: str | Path, *, count: int, steps: int = 50,
+                         guidance: float = 4.0, seed: int = TRAIN_SEED, batch_size: int = 64,
+                         resolution: int = 16) -> Trajectories:
+    """The guided Euler teacher's states on `count` training seeds (labels cycle 0..9), resumable."""
+    labels = torch.arange(count) % 10
+    noise = sample_noise(seed, range(count), (1, resolution, resolution))
+    sigmas = samplers.make_sigmas("flow", steps, samplers.FlowSchedule())
+    meta = {"model": model_fingerprint(model), "solver": "euler", "steps": str(steps), "schedule": "flow",
+            "guidance": f"{guidance:g}", "seed": str(seed), "batch_size": str(batch_size)}
+    with torch.no_grad():
+        return record_trajectories(flux_digits_denoiser(model, guidance), noise, {"labels": labels},
+                                   solver="euler", sigmas=sigmas, batch_size=batch_size, folder=folder, meta=meta)
+
+
+def cond_only_student(model: FluxDigits) -> samplers.Denoiser:
+    """The guidance-distilled student: one cond pass per step (no CFG)."""
+    return samplers.Denoiser(lambda x, t, *, labels: model.velocity(x, t, labels), prediction_type="flow")
+
+
+def install_stack_cache(model: FluxDigits, steps: int, solver: str, preset: str,
+                        params: dict[str, Any]) -> Callable[[], None]:
+    """Installs the cache exactly as `accel run` will for (solver, steps, preset, params) with a
+    guidance-distilled student (the resolver's rules included); returns its remover."""
+    stack = Stack(SamplerPlan(solver, steps), CachePlan(preset, params), (), GuidancePlan(1.0, True))
+    from accel.native import run_info_for
+
+    resolved = resolve(stack, run_info_for(model, stack))
+    config = resolved.cache_config()
+    if config.trigger.needs_calibration:
+        raise ValueError(f"cache-aware training with cache.preset={preset}: its trigger calibrates on the model, "
+                         "which the adapter changes while training; use a preset without calibration "
+                         "(fora, taylorseer, foca, dbcache, fbcache, toca, deltadit)")
+    caching.apply_cache(model.transformer, config)
+    return lambda: caching.remove_cache(model.transformer)
+
+
+def _lora_exporter(model: FluxDigits, metadata: dict[str, str]) -> Callable[[Path], Path]:
+    def export(out_dir: Path) -> Path:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        return save_lora(model.transformer, out_dir / LORA_FILE, component="transformer", metadata=metadata)
+    return export
+
+
+def build_trajectory_objective(name: str, model: FluxDigits, teacher: Trajectories, *, rank: int,
+                               config: TrajectoryConfig, cache: str | None = None,
+                               cache_params: dict[str, Any] | None = None) -> TrajectoryDistillation:
+    """A step-distillation ("step-distill") or cache-aware ("cache-aware") LoRA objective.
+
+    Args:
+        name: the method name recorded in the adapter.
+        model: the embedded model; a LoRA of `rank` is added to its transformer (the rest frozen).
+        teacher: recorded teacher trajectories.
+        rank: LoRA rank.
+        config: student steps, solver, schedule, loss.
+        cache: a cache preset the student trains (and must later run) under, or None.
+        cache_params: the preset's parameters.
+    """
+    for module in (model.transformer, model.conditioner):
+        module.requires_grad_(False)
+    add_lora(model.transformer, rank=rank)
+    metadata = {"accel.solver": config.solver, "accel.steps": str(config.steps), "accel.cache": cache or "none",
+                "accel.method": name, "accel.guidance": "distilled", "accel.schedule": config.schedule}
+    install = None
+    if cache is not None:
+        params = dict(cache_params or {})
+        install = lambda: install_stack_cache(model, config.steps, config.solver, cache, params)  # noqa: E731
+    return TrajectoryDistillation(name, model.transformer, cond_only_student(model), teacher, config,
+                                  export=_lora_exporter(model, metadata), install_cache=install)
+
+
+def build_router_objective(model: FluxDigits, teacher: Trajectories, *, config: RouterConfig,
+                           guidance: float = 4.0, threshold: float = 0.5) -> RouterObjective:
+    """A learned router for the teacher's own solver and step count (the reference's)."""
+    for module in (model.transformer, model.conditioner):
+        module.requires_grad_(False)
+    num_steps = teacher.x0.shape[1]
+    blocks = caching.router_block_names(model.transformer)
+    logits = RouterLogits(num_steps, len(blocks), config.init_logit, config.temperature)
+    caching.apply_router(model.transformer, logits.gates, mode="soft")
+    metadata = {"accel.solver": teacher.meta.get("solver", "euler"), "accel.steps": str(num_steps),
+                "accel.cache": "router", "model_class": type(model.transformer).__name__,
+                "num_blocks": str(len(blocks)), "threshold": str(threshold)}
+
+    def export(out_dir: Path) -> Path:
+        caching.remove_cache(model.transformer)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        return caching.save_router(out_dir / ROUTER_FILE, logits.gates().detach().cpu(), metadata)
+
+    return RouterObjective(logits, flux_digits_denoiser(model, guidance), teacher, config, export)
+
