@@ -2,11 +2,13 @@
 
     pipe.scheduler = AccelScheduler.from_config(pipe.scheduler.config, solver="unipc_bh2")
 
-works in FluxPipeline, StableDiffusion3Pipeline and StableDiffusionPipeline. The scheduler runs the
-solver's own core generator (samplers.loop): `timesteps` lists one entry per model evaluation (a
-two-evaluation solver such as Heun repeats levels, like diffusers' Heun schedulers), each `step()`
-feeds one model output and returns the point of the next evaluation, and multistep history lives
-in the generator across calls. Latents stay in the model's own space (x = alpha x0 + s eps), so
+works in FluxPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline and WanPipeline. The
+scheduler runs the solver's own core generator (samplers.loop): `timesteps` lists one entry per
+model evaluation (a two-evaluation solver such as Heun repeats levels, like diffusers' Heun
+schedulers), `sigmas[i]` is the noise level of evaluation i (plus the final level, as diffusers'
+schedulers end theirs), each `step()` feeds one model output and returns the point of the next
+evaluation, and multistep history lives in the generator across calls. The walk the solver steps
+along is `solver_sigmas`. Latents stay in the model's own space (x = alpha x0 + s eps), so
 `init_noise_sigma` is 1 and `scale_model_input` is the identity. Before every model call the step
 context of that call is published (step_context.set_current); after the last step it is cleared.
 """
@@ -93,7 +95,8 @@ class AccelScheduler(SchedulerMixin, ConfigMixin):
         get_schedule(schedule).check_family(family)
         self.init_noise_sigma = 1.0
         self.timesteps: torch.Tensor | None = None
-        self.sigmas: torch.Tensor | None = None
+        self.sigmas: torch.Tensor | None = None  # (nfe + 1,): one level per model evaluation, then the end
+        self.solver_sigmas: torch.Tensor | None = None  # (N + 1,): the walk of solver steps
         self.num_inference_steps: int | None = None
         self._plan: list[Evaluation] = []
         self._core = None
@@ -193,9 +196,13 @@ class AccelScheduler(SchedulerMixin, ConfigMixin):
         else:
             walk = make_sigmas(self.schedule_name, num_inference_steps, self.model_schedule,
                                **self._schedule_options(mu))
-        self.sigmas = check_sigmas(walk)
-        self._plan = plan_evaluations(self.solver_spec, self.sigmas, self.model_schedule,
+        self.solver_sigmas = check_sigmas(walk)
+        self._plan = plan_evaluations(self.solver_spec, self.solver_sigmas, self.model_schedule,
                                       self.config.solver_options or {})
+        # Pipelines read sigmas[i] and timesteps[i] for their i-th model call (WanPipeline,
+        # CogView4, Cosmos); like diffusers' Heun schedulers, both list one entry per evaluation.
+        self.sigmas = torch.tensor([p.sigma for p in self._plan] + [float(self.solver_sigmas[-1])],
+                                   dtype=torch.float32)
         self.timesteps = torch.tensor([model_timestep(self.model_schedule, p.sigma) for p in self._plan],
                                       dtype=torch.float32, device=device)
         self.num_inference_steps = num_inference_steps
@@ -230,7 +237,7 @@ class AccelScheduler(SchedulerMixin, ConfigMixin):
             options = dict(self.config.solver_options or {})
             if generator is not None and "generator" in inspect.signature(self.solver_spec.steps).parameters:
                 options["generator"] = generator
-            self._core = self.solver_spec.make_steps(x, self.sigmas, self.model_schedule, **options)
+            self._core = self.solver_spec.make_steps(x, self.solver_sigmas, self.model_schedule, **options)
             advance(self._core, None)
         sigma = torch.full((x.shape[0],), self._plan[self._step_index].sigma, dtype=torch.float32,
                            device=x.device)

@@ -5,8 +5,9 @@ import warnings
 import pytest
 import torch
 from diffusers import (AutoencoderKL, DDIMScheduler, DPMSolverMultistepScheduler, FlowMatchEulerDiscreteScheduler,
-                       FluxPipeline, FluxTransformer2DModel, SD3Transformer2DModel, StableDiffusion3Pipeline,
-                       StableDiffusionPipeline, UNet2DConditionModel, UniPCMultistepScheduler)
+                       FlowMatchHeunDiscreteScheduler, FluxPipeline, FluxTransformer2DModel, SD3Transformer2DModel,
+                       StableDiffusion3Pipeline, StableDiffusionPipeline, UNet2DConditionModel,
+                       UniPCMultistepScheduler)
 
 import samplers
 from samplers import SOLVERS, FlowSchedule
@@ -42,10 +43,12 @@ def test_scheduler_walks_exactly_the_native_solver(name, prediction):
     seen = []
     out = _run_scheduler(scheduler, noise, 5, seen)
     native = SOLVERS[name].fn(samplers.Denoiser(lambda x, s: _smooth_model(x), prediction, family_schedule),
-                              noise, scheduler.sigmas)
+                              noise, scheduler.solver_sigmas)
     torch.testing.assert_close(out, native, rtol=1e-5, atol=1e-5)
-    assert len(scheduler.timesteps) == SOLVERS[name].nfe(5) and current_step() is None
+    assert len(scheduler.timesteps) == SOLVERS[name].nfe(5) == len(scheduler.sigmas) - 1
+    assert current_step() is None and float(scheduler.sigmas[-1]) == 0.0
     contexts = [context for context, _ in seen]
+    assert [c.sigma for c in contexts] == pytest.approx(scheduler.sigmas[:-1].tolist(), rel=1e-6)
     assert [c.step_index for c in contexts] == sorted(c.step_index for c in contexts)
     assert {c.num_steps for c in contexts} == {5} and len({c.generation for c in contexts}) == 1
     assert [c.timestep for c in contexts] == pytest.approx([t for _, t in seen], rel=1e-5, abs=1e-3)
@@ -58,6 +61,14 @@ def test_heun_timesteps_repeat_levels_like_diffusers_heun():
     seen = []
     _run_scheduler(scheduler, torch.zeros(1, 2), 4, seen)
     assert [c.stage for c, _ in seen] == [0, 1, 0, 1, 0, 1, 0]
+    assert [c.step_index for c, _ in seen] == [0, 0, 1, 1, 2, 2, 3]
+    # sigmas laid out as FlowMatchHeunDiscreteScheduler lays out its own: one per evaluation, then 0
+    torch.testing.assert_close(scheduler.solver_sigmas, torch.tensor([1.0, 0.75, 0.5, 0.25, 0.0]))
+    assert scheduler.sigmas.tolist() == [1.0, 0.75, 0.75, 0.5, 0.5, 0.25, 0.25, 0.0]
+    heun = FlowMatchHeunDiscreteScheduler()
+    heun.set_timesteps(4)
+    assert len(heun.sigmas) == len(scheduler.sigmas) and len(heun.timesteps) == len(scheduler.timesteps)
+    assert heun.sigmas[1] == heun.sigmas[2] and heun.sigmas[-1] == 0
 
 
 def test_matches_diffusers_multistep_schedulers_on_the_same_karras_walk():
@@ -88,14 +99,14 @@ def test_save_pretrained_and_from_pretrained_round_trip(tmp_path):
     scheduler.set_timesteps(5)
     loaded.set_timesteps(5)
     torch.testing.assert_close(loaded.timesteps, scheduler.timesteps)
-    assert float(loaded.sigmas[-2]) == pytest.approx(0.05)
+    assert float(loaded.solver_sigmas[-2]) == pytest.approx(0.05)
 
 
 def test_from_config_of_diffusers_schedulers_keeps_the_model_settings():
     flow = AccelScheduler.from_config(FlowMatchEulerDiscreteScheduler(shift=3.0).config, solver="heun")
     assert flow.prediction == "flow" and flow.schedule_name == "flow"
     flow.set_timesteps(4)
-    torch.testing.assert_close(flow.sigmas, samplers.get_sigmas_flow(4, shift=3.0))
+    torch.testing.assert_close(flow.solver_sigmas, samplers.get_sigmas_flow(4, shift=3.0))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         vp = AccelScheduler.from_config(DDIMScheduler().config, solver="unipc_bh1")
@@ -155,7 +166,7 @@ def test_tiny_flux_pipeline_runs_with_the_scheduler(solver):
     assert len(seen) == SOLVERS[solver].nfe(4) == len(scheduler.timesteps)
     assert scheduler.schedule_name == "flux" and seen[0].sigma == 1.0 and seen[-1].step_index == 3
     mu = samplers.flux_mu(64)
-    torch.testing.assert_close(scheduler.sigmas, samplers.get_sigmas_flux(4, mu=mu))
+    torch.testing.assert_close(scheduler.solver_sigmas, samplers.get_sigmas_flux(4, mu=mu))
     assert current_step() is None
 
 
@@ -192,7 +203,7 @@ def test_tiny_sd3_pipeline_runs_with_the_scheduler():
                height=16, width=16, num_inference_steps=4, guidance_scale=2.0, output_type="latent").images
     assert out.shape == (1, 4, 16, 16) and torch.isfinite(out).all()
     assert [c.step_index for c in seen] == [0, 1, 2, 3]  # cond and uncond batched into one call
-    torch.testing.assert_close(scheduler.sigmas, samplers.get_sigmas_flow(4, shift=3.0))
+    torch.testing.assert_close(scheduler.solver_sigmas, samplers.get_sigmas_flow(4, shift=3.0))
 
 
 @pytest.mark.parametrize("solver, options", [("unipc_bh1", None), ("ddim", {"eta": 0.5})])
