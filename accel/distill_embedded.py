@@ -9,8 +9,10 @@ training seeds that no measurement uses (`TRAIN_SEED`).
 from __future__ import annotations
 
 import hashlib
+import json
+from dataclasses import fields
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping
 
 import torch
 
@@ -106,6 +108,7 @@ def build_trajectory_objective(name: str, model: FluxDigits, teacher: Trajectori
     if cache is not None:
         params = dict(cache_params or {})
         install = lambda: install_stack_cache(model, config.steps, config.solver, cache, params)  # noqa: E731
+        metadata["accel.cache_params"] = json.dumps(params, sort_keys=True)
     return TrajectoryDistillation(name, model.transformer, cond_only_student(model), teacher, config,
                                   export=_lora_exporter(model, metadata), install_cache=install)
 
@@ -130,3 +133,52 @@ def build_router_objective(model: FluxDigits, teacher: Trajectories, *, config: 
 
     return RouterObjective(logits, flux_digits_denoiser(model, guidance), teacher, config, export)
 
+
+
+# ---- `accel train` builders: objective params from a training recipe -> an Objective ----------
+
+TEACHER_DEFAULTS = {"model": "flux-digits", "device": "cpu", "teacher_count": 512, "teacher_steps": 50,
+                    "guidance": 4.0, "teacher_batch": 64, "trajectories": "runs/teacher-trajectories"}
+LORA_DEFAULTS = {"rank": 16, "cache": None, "cache_params": {}}
+
+
+def _split(params: Mapping[str, Any], extra: dict[str, Any], config_type: type, what: str) -> tuple[dict, dict]:
+    """(teacher/LoRA settings, config_type kwargs) from recipe params; unknown keys are refused."""
+    allowed = {**TEACHER_DEFAULTS, **extra}
+    config_keys = {f.name for f in fields(config_type)}
+    unknown = sorted(set(params) - set(allowed) - config_keys)
+    if unknown:
+        raise ValueError(f"objective.params.{unknown[0]}: not a parameter of {what}; allowed: "
+                         f"{', '.join(sorted(set(allowed) | config_keys))}")
+    settings = {**allowed, **{k: v for k, v in params.items() if k in allowed}}
+    return settings, {k: v for k, v in params.items() if k in config_keys}
+
+
+def _teacher(settings: dict[str, Any]) -> tuple[FluxDigits, Trajectories]:
+    from accel.execute import load_embedded_model
+
+    model = load_embedded_model(settings["model"], settings["device"])
+    teacher = teacher_trajectories(model, settings["trajectories"], count=int(settings["teacher_count"]),
+                                   steps=int(settings["teacher_steps"]), guidance=float(settings["guidance"]),
+                                   batch_size=int(settings["teacher_batch"]))
+    return model, teacher
+
+
+def lora_objective_from_params(name: str, params: Mapping[str, Any], seed: int) -> TrajectoryDistillation:
+    """"step-distill" / "cache-aware" from recipe params (teacher, LoRA and TrajectoryConfig fields)."""
+    settings, config = _split(params, LORA_DEFAULTS, TrajectoryConfig, name)
+    if name == "cache-aware" and not settings["cache"]:
+        raise ValueError("objective.params.cache: a cache-aware adapter needs the cache preset it trains under "
+                         "(e.g. cache: fora, cache_params: {interval: 2})")
+    model, teacher = _teacher(settings)
+    return build_trajectory_objective(name, model, teacher, rank=int(settings["rank"]),
+                                      config=TrajectoryConfig(**{"seed": seed, **config}), cache=settings["cache"],
+                                      cache_params=dict(settings["cache_params"] or {}))
+
+
+def router_objective_from_params(params: Mapping[str, Any], seed: int) -> RouterObjective:
+    """"router" from recipe params (teacher fields, RouterConfig fields and the export threshold)."""
+    settings, config = _split(params, {"threshold": 0.5}, RouterConfig, "router")
+    model, teacher = _teacher(settings)
+    return build_router_objective(model, teacher, config=RouterConfig(**{"seed": seed, **config}),
+                                  guidance=float(settings["guidance"]), threshold=float(settings["threshold"]))

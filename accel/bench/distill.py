@@ -84,11 +84,14 @@ def configurations(quick: bool) -> list[Config]:
 
 def _cache_aware_spec() -> tuple[int, str, dict] | None:
     """(steps, preset, params) the shipped cache-aware adapter was trained for, from its metadata."""
-    path = ADAPTERS_DIR / "cache-aware" / "training.json"
+    from safetensors import safe_open
+
+    path = ADAPTERS_DIR / "cache-aware" / "pytorch_lora_weights.safetensors"
     if not path.is_file():
         return None
-    info = json.loads(path.read_text())
-    return int(info["steps"]), str(info["cache"]), dict(info.get("cache_params") or {})
+    with safe_open(str(path), framework="pt") as handle:
+        meta = handle.metadata() or {}
+    return int(meta["accel.steps"]), meta["accel.cache"], json.loads(meta.get("accel.cache_params", "{}"))
 
 
 def fingerprint(quick: bool) -> str:
