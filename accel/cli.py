@@ -25,6 +25,25 @@ def _ablate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    from accel.recipe.train_schema import load_train_recipe
+    from accel.train import is_main_launch_process, run_train_recipe
+    from distill.training import TrainingError
+
+    recipe = load_train_recipe(args.recipe, args.overrides)
+    try:
+        result = run_train_recipe(recipe)
+    except TrainingError as error:  # a NaN loss, or checkpoints of another run in the folder
+        print(f"accel: error: {error}", file=sys.stderr)
+        return 1
+    if is_main_launch_process():
+        resumed = f", resumed from step {result.resumed_from}" if result.resumed_from is not None else ""
+        print(f"trained {recipe.objective.name} for {result.steps_done} steps{resumed} ({result.seconds:.0f} s)")
+        print(f"result: {result.exported}")
+        print(f"loss log: {result.loss_log}; loss plot: {result.loss_plot}")
+    return 0
+
+
 def _recipes(args: argparse.Namespace) -> int:
     if args.action == "list":
         for group, names in list_recipes().items():
@@ -60,6 +79,10 @@ def build_parser() -> argparse.ArgumentParser:
     ablate.add_argument("recipe", help="ablation recipe YAML or shipped name (e.g. ablations/embedded)")
     ablate.add_argument("overrides", nargs="*", help="key=value overrides")
     ablate.set_defaults(handler=_ablate)
+    train = commands.add_parser("train", help="train an objective (checkpointed, resumable) from a training recipe")
+    train.add_argument("recipe", help="training recipe YAML or shipped name (e.g. train/flow-digits)")
+    train.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=50")
+    train.set_defaults(handler=_train)
     recipes = commands.add_parser("recipes", help="list shipped recipes or show one")
     recipes.add_argument("action", choices=["list", "show"])
     recipes.add_argument("name", nargs="?", default=None, help="recipe name or path (for show)")

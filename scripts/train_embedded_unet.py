@@ -3,158 +3,32 @@
     python scripts/train_embedded_unet.py                          # full run (estimated ~25 min on 2 free cores)
     python scripts/train_embedded_unet.py --steps 20 --out /tmp/unet  # a smoke run
 
-Same data as the flow model (accel.embedded.data, 16x16). The objective is DDPM's: t uniform in
-0..999, x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, and the UNet predicts eps (SD's
-scaled-linear betas by default). Seeded and resumable: every batch, noise and timestep draw is a
-pure function of (seed, step), and a checkpoint (safetensors + JSON, written atomically) is kept
-every --checkpoint-every steps in <out>-checkpoint; rerunning the same command resumes from it.
-The final EMA weights are saved with save_pretrained: unet/ and scheduler/ (the betas) under --out.
+Same data as the flow model (accel.embedded.data, 16x16). The objective is DDPM's
+(distill.objectives.ddpm): t uniform in 0..999, x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, and
+the UNet predicts eps (SD's scaled-linear betas by default). A thin wrapper on the one training
+loop (distill.training), wired to the embedded UNet by accel.train. Seeded and resumable: every
+batch, noise and timestep draw is a pure function of (seed, step), and a checkpoint (safetensors +
+JSON with hashes, written atomically) is kept every --checkpoint-every steps under
+<out>-checkpoint/checkpoints/; rerunning the same command resumes from it. The final EMA weights
+are saved with save_pretrained: unet/ and scheduler/ (the betas) under --out, with training.json.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
-import math
-import shutil
 import sys
-import time
 from pathlib import Path
-
-import torch
-from safetensors.torch import load_file, save_file
-from tqdm import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from accel.embedded.data import load_glyph_bank, sample_batch  # noqa: E402
-from accel.embedded.model import NULL_CLASS  # noqa: E402
-from accel.embedded.unet import DEFAULT_BETAS, UNET_DIGITS_DIR, build_unet_digits  # noqa: E402
-
-
-def parse_args() -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=UNET_DIGITS_DIR)
-    parser.add_argument("--steps", type=int, default=2000)
-    parser.add_argument("--batch-size", type=int, default=96)
-    parser.add_argument("--lr", type=float, default=5e-4)
-    parser.add_argument("--warmup", type=int, default=200)
-    parser.add_argument("--ema-decay", type=float, default=0.999)
-    parser.add_argument("--cfg-dropout", type=float, default=0.1)
-    parser.add_argument("--beta-schedule", default=DEFAULT_BETAS["beta_schedule"],
-                        choices=["scaled_linear", "squaredcos_cap_v2", "linear"])
-    parser.add_argument("--resolution", type=int, default=16)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--checkpoint-every", type=int, default=200)
-    parser.add_argument("--threads", type=int, default=2)
-    return parser.parse_args()
-
-
-def learning_rate(step: int, args: argparse.Namespace) -> float:
-    """Linear warm-up, then cosine decay to 10% of --lr."""
-    if step < args.warmup:
-        return args.lr * (step + 1) / args.warmup
-    progress = (step - args.warmup) / max(1, args.steps - args.warmup)
-    return args.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
-
-
-def save_checkpoint(folder: Path, step: int, params: dict, ema: dict, optimizer) -> None:
-    """Writes the checkpoint into a temporary folder, then renames it over the old one."""
-    tensors = {f"model.{k}": v for k, v in params.items()}
-    tensors.update({f"ema.{k}": v for k, v in ema.items()})
-    for index, state in optimizer.state_dict()["state"].items():
-        for key, value in state.items():
-            tensors[f"optim.{index}.{key}"] = value if torch.is_tensor(value) else torch.tensor(value)
-    tmp, old = folder.with_name(folder.name + ".tmp"), folder.with_name(folder.name + ".old")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file({k: v.detach().contiguous().clone() for k, v in tensors.items()}, tmp / "state.safetensors")
-    (tmp / "state.json").write_text(json.dumps({"step": step}))
-    shutil.rmtree(old, ignore_errors=True)
-    if folder.exists():
-        folder.rename(old)
-    tmp.rename(folder)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def load_checkpoint(folder: Path, params: dict, ema: dict, optimizer) -> int:
-    """Restores weights, EMA and optimizer; returns the step to continue from (0 if none)."""
-    if not (folder / "state.json").is_file():
-        return 0
-    tensors = load_file(folder / "state.safetensors")
-    with torch.no_grad():
-        for name, param in params.items():
-            param.copy_(tensors[f"model.{name}"])
-            ema[name].copy_(tensors[f"ema.{name}"])
-    for param in params.values():  # materialise the optimizer state layout (lr is 0 here)
-        param.grad = torch.zeros_like(param)
-    optimizer.step()
-    for index, state in optimizer.state_dict()["state"].items():
-        for key in list(state):
-            state[key].copy_(tensors[f"optim.{index}.{key}"])
-    return json.loads((folder / "state.json").read_text())["step"]
-
-
-def ddpm_loss(model, x0: torch.Tensor, labels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-    """Epsilon MSE at uniformly drawn integer timesteps (Ho et al. 2020, Alg. 1)."""
-    abar = model.noise_schedule.alphas_cumprod
-    timesteps = torch.randint(0, len(abar), (x0.shape[0],), generator=generator)
-    noise = torch.randn(x0.shape, generator=generator)
-    scale = abar[timesteps].view(-1, 1, 1, 1)
-    x_t = scale.sqrt() * x0 + (1 - scale).sqrt() * noise
-    prediction = model.unet(x_t, timesteps, class_labels=labels).sample
-    return torch.nn.functional.mse_loss(prediction, noise)
+from accel.embedded.unet import DEFAULT_BETAS, UNET_DIGITS_DIR  # noqa: E402
+from accel.train import BETA_SCHEDULES, embedded_script_parser, run_embedded_script  # noqa: E402
 
 
 def main() -> None:
-    args = parse_args()
-    torch.set_num_threads(args.threads)
-    model = build_unet_digits(seed=args.seed, betas={"beta_schedule": args.beta_schedule})
-    params = dict(model.unet.named_parameters())
-    print(f"parameters: {sum(p.numel() for p in params.values()) / 1e6:.2f}M", flush=True)
-    ema = {k: v.detach().clone() for k, v in params.items()}
-    optimizer = torch.optim.AdamW(list(params.values()), lr=0.0, betas=(0.9, 0.99), weight_decay=0.0)
-    checkpoint_dir = args.out.parent / (args.out.name + "-checkpoint")
-    start = load_checkpoint(checkpoint_dir, params, ema, optimizer)
-    if start:
-        print(f"resuming from step {start}", flush=True)
-    bank = load_glyph_bank("train")
-    log_path = args.out.parent / (args.out.name + "-loss.csv")
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "a") as log:
-        if start == 0:
-            log.write("step,loss,lr,seconds\n")
-        progress = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="train")
-        t0 = time.time()
-        for step in progress:
-            generator = torch.Generator().manual_seed(args.seed * 1_000_003 + step)
-            x0, labels = sample_batch(bank, args.batch_size, args.resolution, generator)
-            drop = torch.rand(args.batch_size, generator=generator) < args.cfg_dropout
-            labels = torch.where(drop, torch.full_like(labels, NULL_CLASS), labels)
-            loss = ddpm_loss(model, x0, labels, generator)
-            lr = learning_rate(step, args)
-            for group in optimizer.param_groups:
-                group["lr"] = lr
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(list(params.values()), 1.0)
-            optimizer.step()
-            decay = min(args.ema_decay, (1 + step) / (10 + step))
-            with torch.no_grad():
-                for name, param in params.items():
-                    ema[name].lerp_(param.detach(), 1 - decay)
-            loss_value = loss.item()
-            progress.set_postfix(loss=f"{loss_value:.4f}")
-            log.write(f"{step},{loss_value:.6f},{lr:.6g},{time.time() - t0:.1f}\n")
-            if (step + 1) % args.checkpoint_every == 0 or step + 1 == args.steps:
-                log.flush()
-                save_checkpoint(checkpoint_dir, step + 1, params, ema, optimizer)
-    with torch.no_grad():
-        for name, param in params.items():
-            param.copy_(ema[name])
-    model.save_pretrained(args.out)
-    (args.out / "training.json").write_text(json.dumps(vars(args), default=str, indent=2))
-    print(f"saved EMA weights to {args.out}", flush=True)
+    parser = embedded_script_parser(__doc__, out=UNET_DIGITS_DIR, lr=5e-4, ema_decay=0.999)
+    parser.add_argument("--beta-schedule", default=DEFAULT_BETAS["beta_schedule"], choices=list(BETA_SCHEDULES))
+    args = parser.parse_args()
+    run_embedded_script("ddpm", args, beta_schedule=args.beta_schedule)
 
 
 if __name__ == "__main__":

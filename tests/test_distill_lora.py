@@ -43,8 +43,9 @@ def test_saved_lora_loads_into_a_flux_pipeline_and_reproduces_the_peft_model(tmp
     assert read_trained_for(path) == {"solver": "euler", "steps": "4", "cache": "none"}
     assert read_trained_for(path.parent) == {"solver": "euler", "steps": "4", "cache": "none"}
 
+    fresh = tiny_model("FluxTransformer2DModel", seed=3).model  # the same base weights, no adapter
     pipe = FluxPipeline(scheduler=FlowMatchEulerDiscreteScheduler(), vae=None, text_encoder=None, tokenizer=None,
-                        text_encoder_2=None, tokenizer_2=None, transformer=tiny_model("FluxTransformer2DModel", seed=3).model)
+                        text_encoder_2=None, tokenizer_2=None, transformer=fresh)
     pipe.load_lora_weights(str(path.parent), weight_name=path.name)
     with torch.no_grad():
         loaded_out = pipe.transformer(**inputs, return_dict=False)[0]

@@ -110,3 +110,20 @@ def test_templates_load_as_stacks_and_accel_run_refuses_hub_models(capsys):
         assert stack.cache is not None and stack.sampler.steps >= 20
     assert main(["run", "templates/sdxl"]) == 2
     assert "is a hub model" in capsys.readouterr().err
+
+
+def test_every_training_recipe_field_and_objective_param_is_documented():
+    from dataclasses import fields
+    from pathlib import Path
+
+    from omegaconf import OmegaConf
+
+    from accel.recipe.train_schema import TrainRecipe
+    from accel.train import DDPMParams, FlowMatchingParams
+
+    docs = (Path(__file__).parents[1] / "docs" / "recipes.md").read_text()
+    training = docs[docs.index("## Training recipes"):]
+    keys = list(_schema_keys(OmegaConf.structured(TrainRecipe)))
+    keys += sorted({f"objective.params.{f.name}" for p in (FlowMatchingParams, DDPMParams) for f in fields(p)})
+    missing = [k for k in keys if f"`{k}`" not in training]
+    assert len(keys) > 25 and "train.ema_decay" in keys and missing == []

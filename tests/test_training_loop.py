@@ -68,7 +68,8 @@ def test_a_corrupt_or_partial_checkpoint_is_skipped_with_a_message(tmp_path, cap
 
 def test_a_nan_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
     out = tmp_path / "run"
-    with pytest.raises(TrainingError, match=r"loss is nan at step 6; training stopped, the last good checkpoint is .*step-0000004"):
+    stopped = r"loss is nan at step 6; training stopped, the last good checkpoint is .*step-0000004"
+    with pytest.raises(TrainingError, match=stopped):
         train(MLPObjective(nan_at=6), _config(out, log_every=100))
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["step-0000004"]
     assert all(torch.isfinite(v).all() for v in _weights(out, 4).values())

@@ -96,3 +96,29 @@ class LinearObjective:
         path = out_dir / "w.safetensors"
         save_file({"weight": self.w.weight.detach().contiguous()}, str(path))
         return path
+
+
+def _launched(mode: str, out: str) -> None:
+    """Entry point for launched processes: `python training_toys.py MODE OUT`.
+
+    "plain": one MLP run in OUT/whole. "resume": also a run killed at step 7 and resumed, in OUT/pieces.
+    """
+    from distill.training import TrainConfig, train
+
+    def config(folder: str) -> TrainConfig:
+        return TrainConfig(steps=12, out_dir=Path(out) / folder, lr=1e-2, warmup_steps=2, checkpoint_every=4,
+                           ema_decay=0.9, log_every=3, grad_accumulation=1, threads=1)
+
+    train(MLPObjective(), config("whole"))
+    if mode == "resume":
+        try:
+            train(MLPObjective(kill_at=7), config("pieces"))
+        except SimulatedKill:
+            pass
+        train(MLPObjective(), config("pieces"))
+
+
+if __name__ == "__main__":
+    import sys
+
+    _launched(sys.argv[1], sys.argv[2])

@@ -102,6 +102,26 @@ def parse_overrides(overrides: list[str]) -> DictConfig:
         raise RecipeError(f"cannot parse overrides {overrides}: {str(error).splitlines()[0]}") from None
 
 
+def read_recipe_file(path: Path) -> DictConfig:
+    """Reads a recipe YAML file that must hold a mapping."""
+    try:
+        loaded = OmegaConf.load(path)
+    except Exception as error:  # yaml errors come in many classes
+        raise RecipeError(f"cannot read {path}: {str(error).splitlines()[0]}") from None
+    if not isinstance(loaded, DictConfig):
+        raise RecipeError(f"{path} must hold a mapping of recipe sections, got {type(loaded).__name__}")
+    return loaded
+
+
+def merge_on_schema(schema_class: type, *parts: DictConfig) -> DictConfig:
+    """Merges `parts` onto the structured schema; a bad key or type becomes one RecipeError line."""
+    schema = OmegaConf.structured(schema_class)
+    try:
+        return OmegaConf.merge(schema, *parts)
+    except OmegaConfBaseException as error:
+        raise RecipeError(_describe(error, schema)) from None
+
+
 def load_recipe(name_or_path: str | None = None, overrides: list[str] | None = None) -> DictConfig:
     """Loads, merges and validates a recipe.
 
@@ -115,18 +135,8 @@ def load_recipe(name_or_path: str | None = None, overrides: list[str] | None = N
     Raises:
         RecipeError: one line naming the key and what is allowed.
     """
-    path = find_recipe(name_or_path)
-    try:
-        loaded = OmegaConf.load(path)
-    except Exception as error:  # yaml errors come in many classes
-        raise RecipeError(f"cannot read {path}: {str(error).splitlines()[0]}") from None
-    if not isinstance(loaded, DictConfig):
-        raise RecipeError(f"{path} must hold a mapping of recipe sections, got {type(loaded).__name__}")
-    schema = OmegaConf.structured(Recipe)
-    try:
-        recipe = OmegaConf.merge(schema, compose(loaded), parse_overrides(overrides or []))
-    except OmegaConfBaseException as error:
-        raise RecipeError(_describe(error, schema)) from None
+    loaded = read_recipe_file(find_recipe(name_or_path))
+    recipe = merge_on_schema(Recipe, compose(loaded), parse_overrides(overrides or []))
     from accel.recipe.validate import validate_recipe
 
     validate_recipe(recipe)

@@ -176,13 +176,13 @@ def verify(path: Path, step: int, required: list[str]) -> tuple[dict | None, str
     return manifest, ""
 
 
-def latest_valid(root: Path, fingerprint: str, required: list[str],
+def latest_valid(root: Path, fingerprint: str | None, required: list[str],
                  log: Callable[[str], None] = print) -> Checkpoint | None:
     """The newest valid checkpoint under `root`; invalid ones are skipped with a message.
 
     Args:
         root: the checkpoints folder.
-        fingerprint: the current config's fingerprint.
+        fingerprint: the current run's fingerprint; None accepts any run (for exporting).
         required: files every checkpoint of this run must hold.
         log: where the skip messages go.
 
@@ -194,7 +194,7 @@ def latest_valid(root: Path, fingerprint: str, required: list[str],
         if manifest is None:
             log(f"skipping checkpoint {path}: {reason}")
             continue
-        if manifest.get("config_hash") != fingerprint:
+        if fingerprint is not None and manifest.get("config_hash") != fingerprint:
             raise TrainingError(
                 f"checkpoint {path} belongs to a run with other training settings (config hash "
                 f"{str(manifest.get('config_hash'))[:12]}, now {fingerprint[:12]}); use another out_dir "

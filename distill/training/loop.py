@@ -119,9 +119,9 @@ def _make_accelerator(config: TrainConfig):
     if is_deepspeed(accelerator):
         plugin = accelerator.state.deepspeed_plugin
         stage = plugin.deepspeed_config.get("zero_optimization", {}).get("stage", 0)
-        if stage not in (0, 1, 2):
-            raise TrainingError(f"DeepSpeed ZeRO stage {stage} partitions the weights; "
-                                "the training loop supports stages 0-2 (use recipes/launch/deepspeed-zero2.yaml)")
+        if stage not in (1, 2):
+            raise TrainingError(f"DeepSpeed ZeRO stage {stage}: the training loop supports stages 1 and 2 "
+                                "(stage 3 partitions the weights); use recipes/launch/deepspeed-zero2.yaml")
         ds_config = plugin.deepspeed_config
         if plugin.is_auto("train_micro_batch_size_per_gpu") or "train_micro_batch_size_per_gpu" not in ds_config:
             ds_config["train_micro_batch_size_per_gpu"] = 1  # objectives draw their own batches
@@ -196,7 +196,8 @@ def _optimizer_step(run: _Run, step: int, lr: float) -> torch.Tensor:
         with accelerator.accumulate(run.wrapped):
             loss = run.wrapped(step, first + j)
             if loss.ndim != 0:
-                raise TrainingError(f"objective {run.objective.name!r}: loss must be a scalar, got shape {tuple(loss.shape)}")
+                raise TrainingError(f"objective {run.objective.name!r}: loss must be a scalar, "
+                                    f"got shape {tuple(loss.shape)}")
             accelerator.backward(loss)
             if accelerator.sync_gradients and config.max_grad_norm is not None and not is_deepspeed(accelerator):
                 accelerator.clip_grad_norm_(list(run.params.values()), config.max_grad_norm)
@@ -225,7 +226,8 @@ def _flush(run: _Run, pending: list[tuple[int, float, float, torch.Tensor]], log
         if not math.isfinite(value):
             if log is not None:
                 log.append(rows)
-            kept = f"the last good checkpoint is {run.last_checkpoint}" if run.last_checkpoint else "no checkpoint was written"
+            kept = (f"the last good checkpoint is {run.last_checkpoint}" if run.last_checkpoint
+                    else "no checkpoint was written")
             raise TrainingError(f"objective {run.objective.name!r}: loss is {value} at step {step}; "
                                 f"training stopped, {kept}")
         rows.append((step, value, lr, seconds))
