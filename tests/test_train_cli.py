@@ -73,3 +73,17 @@ def test_the_shipped_training_recipe_loads_and_every_objective_is_registered(tmp
     assert {"flow-matching", "ddpm"} <= set(OBJECTIVES)
     with pytest.raises(RecipeError, match="^name: missing; a training recipe must set name, objective.name"):
         load_train_recipe(_recipe(tmp_path, "objective: {name: ddpm}\ntrain: {steps: 3}\n"))
+
+
+def test_the_embedded_training_scripts_write_the_model_to_out_and_the_state_beside_it(tmp_path):
+    from accel.embedded.unet import load_unet_digits
+    from accel.train import embedded_script_parser, run_embedded_script
+
+    parser = embedded_script_parser("scripts/train_embedded_unet.py", out=tmp_path / "unet", lr=5e-4, ema_decay=0.999)
+    args = parser.parse_args(["--steps", "2", "--batch-size", "2", "--threads", "1", "--checkpoint-every", "1"])
+    result = run_embedded_script("ddpm", args, beta_schedule="scaled_linear")
+    assert result.exported == tmp_path / "unet" and (tmp_path / "unet" / "training.json").is_file()
+    assert result.loss_log == tmp_path / "unet-checkpoint" / "loss.csv"
+    assert sorted(p.name for p in (tmp_path / "unet-checkpoint" / "checkpoints").iterdir()) == ["step-0000001",
+                                                                                                 "step-0000002"]
+    assert load_unet_digits(tmp_path / "unet").betas["beta_schedule"] == "scaled_linear"
