@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from distill.objective import Objective
+from distill.training.backend import is_deepspeed, load_optimizer, make_accelerator, optimizer_files, save_optimizer
 from distill.training.checkpoint import (
     EMA,
     WEIGHTS,
@@ -43,7 +44,6 @@ from distill.training.checkpoint import (
 )
 from distill.training.config import TrainConfig
 from distill.training.loss_log import LossLog, plot_loss_log
-from distill.training.optim_state import is_deepspeed, load_optimizer, optimizer_files, save_optimizer
 
 
 @dataclass(frozen=True)
@@ -105,37 +105,10 @@ def trainable_parameters(module: nn.Module) -> dict[str, nn.Parameter]:
     return {name: p for name, p in module.named_parameters() if p.requires_grad}
 
 
-def _make_accelerator(config: TrainConfig):
-    import os
-
-    from accelerate import Accelerator
-
-    # Without a GPU, launched processes join a gloo group on the CPU (cpu=True); a DeepSpeed launch
-    # must not pass cpu=True, or accelerate drops DeepSpeed (it then uses DeepSpeed's CPU backend).
-    deepspeed_launch = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
-    accelerator = Accelerator(mixed_precision=config.mixed_precision,
-                              gradient_accumulation_steps=config.grad_accumulation,
-                              cpu=not torch.cuda.is_available() and not deepspeed_launch)
-    if is_deepspeed(accelerator):
-        plugin = accelerator.state.deepspeed_plugin
-        stage = plugin.deepspeed_config.get("zero_optimization", {}).get("stage", 0)
-        if stage not in (1, 2):
-            raise TrainingError(f"DeepSpeed ZeRO stage {stage}: the training loop supports stages 1 and 2 "
-                                "(stage 3 partitions the weights); use recipes/launch/deepspeed-zero2.yaml")
-        ds_config = plugin.deepspeed_config
-        if plugin.is_auto("train_micro_batch_size_per_gpu") or "train_micro_batch_size_per_gpu" not in ds_config:
-            ds_config["train_micro_batch_size_per_gpu"] = 1  # objectives draw their own batches
-        ds_config["gradient_clipping"] = config.max_grad_norm or 0.0
-        ds_config["gradient_accumulation_steps"] = config.grad_accumulation
-        accelerator.gradient_accumulation_steps = config.grad_accumulation
-        ds_config.pop("train_batch_size", None)
-    return accelerator
-
-
 def _setup(objective: Objective, config: TrainConfig) -> _Run:
     if config.threads is not None:
         torch.set_num_threads(config.threads)
-    accelerator = _make_accelerator(config)
+    accelerator = make_accelerator(config)
     module = objective.module()
     params = trainable_parameters(module)
     if not params:

@@ -1,4 +1,5 @@
-"""Optimizer state to and from safetensors, for plain/DDP accelerate and for DeepSpeed ZeRO 0-2.
+"""The accelerate backends: the Accelerator for a run, and optimizer state to and from safetensors
+for plain/DDP accelerate and for DeepSpeed ZeRO-1/2.
 
 Plain and DDP runs: every process holds the same AdamW state, so the main process writes it once
 (`optimizer.safetensors`), tensors named "<param index>.<key>" in the optimizer's own order.
@@ -24,16 +25,49 @@ from safetensors import safe_open
 from distill.training.checkpoint import (
     OPTIMIZER,
     Checkpoint,
+    TrainingError,
     optimizer_from_tensors,
     optimizer_to_tensors,
     save_tensors,
 )
+from distill.training.config import TrainConfig
 
 
 def is_deepspeed(accelerator) -> bool:
     from accelerate.utils import DistributedType
 
     return accelerator.distributed_type == DistributedType.DEEPSPEED
+
+
+def make_accelerator(config: TrainConfig):
+    """The Accelerator for a run: mixed precision, accumulation, and DeepSpeed settings from `config`."""
+    import os
+
+    from accelerate import Accelerator, DistributedDataParallelKwargs
+
+    # Without a GPU, launched processes join a gloo group on the CPU (cpu=True); a DeepSpeed launch
+    # must not pass cpu=True, or accelerate drops DeepSpeed (it then uses DeepSpeed's CPU backend).
+    deepspeed_launch = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    # find_unused_parameters: an objective may leave trainable weights out of some forwards (a
+    # cache skipping the blocks that hold part of a LoRA); DDP would otherwise wait for their grads.
+    accelerator = Accelerator(mixed_precision=config.mixed_precision,
+                              gradient_accumulation_steps=config.grad_accumulation,
+                              cpu=not torch.cuda.is_available() and not deepspeed_launch,
+                              kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
+    if is_deepspeed(accelerator):
+        plugin = accelerator.state.deepspeed_plugin
+        stage = plugin.deepspeed_config.get("zero_optimization", {}).get("stage", 0)
+        if stage not in (1, 2):
+            raise TrainingError(f"DeepSpeed ZeRO stage {stage}: the training loop supports stages 1 and 2 "
+                                "(stage 3 partitions the weights); use recipes/launch/deepspeed-zero2.yaml")
+        ds_config = plugin.deepspeed_config
+        if plugin.is_auto("train_micro_batch_size_per_gpu") or "train_micro_batch_size_per_gpu" not in ds_config:
+            ds_config["train_micro_batch_size_per_gpu"] = 1  # objectives draw their own batches
+        ds_config["gradient_clipping"] = config.max_grad_norm or 0.0
+        ds_config["gradient_accumulation_steps"] = config.grad_accumulation
+        accelerator.gradient_accumulation_steps = config.grad_accumulation
+        ds_config.pop("train_batch_size", None)
+    return accelerator
 
 
 def optimizer_files(accelerator) -> list[str]:
