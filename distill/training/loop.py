@@ -116,7 +116,9 @@ def _setup(objective: Objective, config: TrainConfig) -> _Run:
     optimizer = torch.optim.AdamW(list(params.values()), lr=config.lr, betas=config.betas,
                                   eps=config.adam_eps, weight_decay=config.weight_decay)
     wrapped, optimizer = accelerator.prepare(_LossModule(objective, module), optimizer)
-    params = trainable_parameters(accelerator.unwrap_model(wrapped).inner)
+    # prepare() moves the module in place (same parameter objects); accelerator.unwrap_model is
+    # avoided because it imports DeepSpeed whenever DeepSpeed is installed (seconds per process).
+    params = trainable_parameters(module)
     ema = {k: p.detach().float().clone() for k, p in params.items()} if config.ema_decay is not None else None
     identity = f"{config.fingerprint()}|{objective.name}|processes={accelerator.num_processes}"
     return _Run(accelerator=accelerator, objective=objective, config=config, wrapped=wrapped,
