@@ -157,9 +157,37 @@ def build_ddpm(params: Any, seed: int) -> Objective:
         alphas_cumprod=model.noise_schedule.alphas_cumprod))
 
 
+def _plain_params(params: Any) -> dict[str, Any]:
+    return OmegaConf.to_container(params, resolve=True) if isinstance(params, DictConfig) else dict(params or {})
+
+
+def build_step_distill(params: Any, seed: int) -> Objective:
+    """Step-distillation LoRA (single-phase TRACT, rollout loss) for the embedded flow model."""
+    from accel.distill_embedded import lora_objective_from_params
+
+    return _checked(lambda: lora_objective_from_params("step-distill", _plain_params(params), seed))
+
+
+def build_cache_aware(params: Any, seed: int) -> Objective:
+    """Cache-aware LoRA: step distillation with the inference cache on during the rollout."""
+    from accel.distill_embedded import lora_objective_from_params
+
+    return _checked(lambda: lora_objective_from_params("cache-aware", _plain_params(params), seed))
+
+
+def build_router(params: Any, seed: int) -> Objective:
+    """Learned cache router (Learning-to-Cache) for the embedded model's reference sampler."""
+    from accel.distill_embedded import router_objective_from_params
+
+    return _checked(lambda: router_objective_from_params(_plain_params(params), seed))
+
+
 OBJECTIVES: dict[str, Builder] = {
     "flow-matching": build_flow_matching,
     "ddpm": build_ddpm,
+    "step-distill": build_step_distill,
+    "cache-aware": build_cache_aware,
+    "router": build_router,
 }
 
 
