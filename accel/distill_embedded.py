@@ -53,7 +53,8 @@ def teacher_trajectories(model: FluxDigits, folder: str | Path, *, count: int, s
             "guidance": f"{guidance:g}", "seed": str(seed), "batch_size": str(batch_size)}
     with torch.no_grad():
         return record_trajectories(flux_digits_denoiser(model, guidance), noise, {"labels": labels},
-                                   solver="euler", sigmas=sigmas, batch_size=batch_size, folder=folder, meta=meta)
+                                   solver="euler", sigmas=sigmas, batch_size=batch_size, folder=folder, meta=meta,
+                                   device=next(model.transformer.parameters()).device)
 
 
 def cond_only_student(model: FluxDigits) -> samplers.Denoiser:

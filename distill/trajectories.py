@@ -77,7 +77,8 @@ class Trajectories:
 
 def record_trajectories(denoiser: samplers.Denoiser, noise: torch.Tensor, cond: dict[str, torch.Tensor], *,
                         solver: str, sigmas: torch.Tensor, batch_size: int, folder: str | Path,
-                        meta: dict[str, str], desc: str = "teacher") -> Trajectories:
+                        meta: dict[str, str], desc: str = "teacher",
+                        device: torch.device | str = "cpu") -> Trajectories:
     """Runs the teacher on every sample and keeps all its states (resumable by chunk).
 
     Args:
@@ -90,6 +91,7 @@ def record_trajectories(denoiser: samplers.Denoiser, noise: torch.Tensor, cond: 
         folder: where finished chunks and the final file are kept.
         meta: provenance; a folder made with other meta is refused.
         desc: progress-bar label.
+        device: where the teacher runs (the records are kept on the CPU).
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -103,7 +105,8 @@ def record_trajectories(denoiser: samplers.Denoiser, noise: torch.Tensor, cond: 
         path = folder / f"chunk-{start:06d}.safetensors"
         if not path.is_file():
             chunk_cond = {k: v[start:start + batch_size] for k, v in cond.items()}
-            chunk = _run_chunk(denoiser, noise[start:start + batch_size], chunk_cond, spec, sigmas)
+            chunk = _run_chunk(denoiser, noise[start:start + batch_size].to(device),
+                               {k: v.to(device) for k, v in chunk_cond.items()}, spec, sigmas)
             Trajectories(sigmas, *chunk, chunk_cond, meta).save(path.with_suffix(".tmp"))
             path.with_suffix(".tmp").rename(path)
         chunks.append(Trajectories.load(path))
@@ -112,7 +115,7 @@ def record_trajectories(denoiser: samplers.Denoiser, noise: torch.Tensor, cond: 
 
 
 def _run_chunk(denoiser, noise, cond, spec, sigmas) -> tuple[torch.Tensor, torch.Tensor]:
-    states, x0s = [noise], []
+    states, x0s = [noise.cpu()], []
 
     def keep(index: int, x: torch.Tensor, x0: torch.Tensor) -> None:
         states.append(x.detach().cpu())
