@@ -161,7 +161,7 @@ SOLVERS: dict[str, SolverSpec] = {spec.name: spec for spec in (
     SolverSpec("unipc_bh2", sample_unipc_bh2, unipc_steps, order=3, evals_per_step=1,
                options={"order": 2, "variant": "bh2"}, paper=f"{_UNIPC}, UniPC-2 bh2"),
     SolverSpec("ipndm", sample_ipndm, ipndm_steps, order=4, evals_per_step=1, options={"order": 4},
-               paper="iPNDM (Zhang & Chen 2023, DEIS, arXiv:2204.13902), variable step"),
+               paper="iPNDM (Zhang & Chen 2023, DEIS, arXiv:2204.13902), lower-order warm start"),
 )}
 
 SCHEDULES: dict[str, ScheduleSpec] = {spec.name: spec for spec in (
