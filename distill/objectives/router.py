@@ -39,13 +39,16 @@ class RouterConfig:
         temperature: gates are sigmoid(logit / temperature).
         init_logit: starting logit (positive: start near "compute everything").
         batch_size: trajectories per micro-batch (all at the same step).
+        steps_per_batch: distinct steps (table rows) each micro-batch trains, one pair each; every
+            row must be visited often, and one row per micro-batch visits each only steps / rows times.
         seed: batch and step selection seed.
     """
 
-    penalty: float = 0.02
+    penalty: float = 0.002
     temperature: float = 1.0
-    init_logit: float = 3.0
-    batch_size: int = 32
+    init_logit: float = 2.0
+    batch_size: int = 8
+    steps_per_batch: int = 4
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -55,6 +58,8 @@ class RouterConfig:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.steps_per_batch < 1:
+            raise ValueError(f"steps_per_batch must be >= 1, got {self.steps_per_batch}")
 
 
 class RouterLogits(nn.Module):
@@ -100,22 +105,28 @@ class RouterObjective:
         return self._logits
 
     def loss(self, step: int, micro_batch: int) -> torch.Tensor:
-        """Relative error of the gated prediction at a random step i >= 1, plus the sparsity term."""
+        """Mean over `steps_per_batch` random steps i >= 1 of the gated prediction's relative error,
+        plus the sparsity term on those rows."""
         generator = seeded_generator(self.config.seed, step, micro_batch)
         num_steps = self._teacher.x0.shape[1]
         index = torch.randint(len(self._teacher), (self.config.batch_size,), generator=generator)
-        step_index = int(torch.randint(1, num_steps, (1,), generator=generator))
+        rows = (torch.randperm(num_steps - 1, generator=generator)[:self.config.steps_per_batch] + 1).tolist()
         batch = self._teacher.batch(index)
         device = self._logits.logits.device
         cond = {k: v.to(device) for k, v in batch.cond.items()}
+        errors = [self._pair_error(batch, cond, row, device) for row in rows]
+        gates = self._logits.gates()[rows]
+        return torch.stack(errors).mean() + self.config.penalty * gates.mean()
+
+    def _pair_error(self, batch: Trajectories, cond: dict, step_index: int, device) -> torch.Tensor:
+        """Step i - 1 in full (fills the cache), step i gated: relative error of its prediction."""
         generation = new_generation()
         with torch.no_grad(), publish_step(self._context(step_index - 1, generation)):
             self._denoiser(batch.states[:, step_index - 1].to(device), self._sigma(step_index - 1), **cond)
         with publish_step(self._context(step_index, generation)):
             gated = self._denoiser(batch.states[:, step_index].to(device), self._sigma(step_index), **cond)
         full = batch.x0[:, step_index].to(device)
-        error = torch.mean((gated - full) ** 2) / torch.mean(full ** 2).clamp_min(1e-12)
-        return error + self.config.penalty * self._logits.gates()[step_index].mean()
+        return torch.mean((gated - full) ** 2) / torch.mean(full ** 2).clamp_min(1e-12)
 
     def _sigma(self, step_index: int) -> float:
         return float(self._teacher.sigmas[step_index])
