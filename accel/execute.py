@@ -179,7 +179,8 @@ def measure_stack(label: str, recipe: DictConfig, model, inputs: Inputs,
     """Resolves the recipe's stack, installs it (adapters, then the cache, calibrated with the
     adapters in place), measures it; the record carries the resolved stack."""
     resolved = resolve_recipe(recipe, model)
-    denoiser = flux_digits_denoiser(model, resolved.stack.guidance.scale)
+    guidance = resolved.stack.guidance
+    denoiser = flux_digits_denoiser(model, guidance.scale, guidance.uncond_interval)
     with installed_adapters(model, resolved), installed_cache(model, resolved, denoiser, recipe) as cache:
         record, images = measure_plan(label, "stack", plan_of(resolved), denoiser, inputs, recipe, split)
         if cache is not None:

@@ -21,13 +21,15 @@ def sample_noise(seed: int, indices: range | list[int], shape: tuple[int, ...]) 
     ])
 
 
-def flux_digits_denoiser(model: FluxDigits, guidance_scale: float) -> samplers.Denoiser:
-    """The embedded flow model as a Denoiser, with classifier-free guidance on its velocity."""
+def flux_digits_denoiser(model: FluxDigits, guidance_scale: float, uncond_interval: int = 1) -> samplers.Denoiser:
+    """The embedded flow model as a Denoiser, with classifier-free guidance on its velocity (the
+    uncond branch computed every `uncond_interval` steps)."""
     def model_fn(x: torch.Tensor, sigma: torch.Tensor, *, labels: torch.Tensor) -> torch.Tensor:
         return model.velocity(x, sigma, labels)
 
     guided = samplers.cfg_model_fn(model_fn, guidance_scale, cond_key="labels",
-                                   uncond_value=lambda labels: torch.full_like(labels, NULL_CLASS))
+                                   uncond_value=lambda labels: torch.full_like(labels, NULL_CLASS),
+                                   uncond_interval=uncond_interval)
     return samplers.Denoiser(guided, prediction_type="flow", schedule=samplers.FlowSchedule())
 
 
