@@ -57,3 +57,16 @@ def test_bad_interval_is_refused():
     with pytest.raises(ValueError, match="uncond_interval must be an integer >= 1"):
         samplers.cfg_model_fn(lambda x, s, **c: x, 2.0, cond_key="labels", uncond_value=torch.zeros_like,
                               uncond_interval=0)
+
+
+def test_ablation_may_vary_uncond_reuse_but_not_a_shared_reference():
+    from accel.recipe import load_recipe
+    from accel.recipe.load import RecipeError
+
+    recipe = load_recipe("ablations/embedded", ["ablation.axes={guidance.uncond_interval: [1, 2]}"])
+    assert list(recipe.ablation.axes["guidance.uncond_interval"]) == [1, 2]
+    with pytest.raises(RecipeError, match="set eval.reference.guidance_scale"):
+        load_recipe("ablations/embedded", ["ablation.axes={guidance.scale: [2.0, 4.0]}",
+                                           "eval.reference.guidance_scale=null"])
+    with pytest.raises(RecipeError, match="only sampler, cache, adapters"):
+        load_recipe("ablations/embedded", ["ablation.axes={inputs.seed: [1, 2]}"])

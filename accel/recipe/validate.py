@@ -96,15 +96,22 @@ def _check_cache(cache: DictConfig) -> None:
         raise RecipeError(f"cache.params: {error}".splitlines()[0]) from None
 
 
-def _check_ablation(ablation: DictConfig) -> None:
+GUIDANCE_AXES = ("guidance.uncond_interval", "guidance.distilled", "guidance.scale")
+
+
+def _check_ablation(ablation: DictConfig, reference_guidance) -> None:
     from omegaconf import ListConfig
 
     for key, values in ablation.axes.items():
         if not isinstance(values, ListConfig) or len(values) == 0:
             raise RecipeError(f"ablation.axes.{key}: give a non-empty list of values")
-        if key.split(".")[0] in ("guidance", "inputs", "eval", "output", "model", "ablation", "name"):
-            raise RecipeError(f"ablation.axes.{key}: only sampler, cache and adapters may vary "
-                              "(the reference and inputs are shared by every cell)")
+        if key == "guidance.scale" and reference_guidance is None:
+            raise RecipeError("ablation.axes.guidance.scale: the reference would change with it; set "
+                              "eval.reference.guidance_scale so every cell shares one reference")
+        if key.split(".")[0] in ("guidance", "inputs", "eval", "output", "model", "ablation", "name") \
+                and key not in GUIDANCE_AXES:
+            raise RecipeError(f"ablation.axes.{key}: only sampler, cache, adapters and "
+                              f"{', '.join(GUIDANCE_AXES)} may vary (the reference and inputs are shared by every cell)")
     for solver in ablation.baseline_solvers:
         _choice("ablation.baseline_solvers[]", solver, sorted(samplers.SOLVERS))
     for steps in ablation.baseline_steps:
@@ -127,4 +134,4 @@ def validate_recipe(recipe: DictConfig) -> None:
     if recipe.guidance.distilled and recipe.guidance.scale != 1.0:
         raise RecipeError("guidance.scale: a guidance-distilled model has no uncond pass; set guidance.scale=1")
     _check_cache(recipe.cache)
-    _check_ablation(recipe.ablation)
+    _check_ablation(recipe.ablation, recipe.eval.reference.get("guidance_scale"))
