@@ -8,7 +8,6 @@ training seeds that no measurement uses (`TRAIN_SEED`).
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import fields
 from pathlib import Path
@@ -19,6 +18,7 @@ import torch
 import caching
 import samplers
 from accel.embedded import FluxDigits
+from accel.embedded.model import weights_fingerprint
 from accel.generate import flux_digits_denoiser, sample_noise
 from accel.resolve import resolve
 from accel.stack import CachePlan, GuidancePlan, SamplerPlan, Stack
@@ -34,12 +34,7 @@ ROUTER_FILE = "router.safetensors"
 
 def model_fingerprint(model: FluxDigits) -> str:
     """A short hash of the model's weights (trajectories are tied to it)."""
-    digest = hashlib.sha256()
-    for module in (model.transformer, model.conditioner):
-        for name, tensor in sorted(module.state_dict().items()):
-            digest.update(name.encode())
-            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()[:12]
+    return weights_fingerprint(model)
 
 
 def teacher_trajectories(model: FluxDigits, folder: str | Path, *, count: int, steps: int = 50,

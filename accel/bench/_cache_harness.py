@@ -25,6 +25,7 @@ from omegaconf import OmegaConf
 from accel import measure
 from accel.bench._cache_origins import Adapter, Variant, diffusers_mag_ratios, make_adapter
 from accel.embedded import load_flux_digits
+from accel.embedded.model import weights_fingerprint
 from accel.generate import SamplingPlan, flux_digits_denoiser, generate, sample_noise
 
 
@@ -71,12 +72,7 @@ class Settings:
 
 def model_hash(model) -> str:
     """Short hash of the transformer's and conditioner's weights."""
-    digest = hashlib.sha1()
-    for module in (model.transformer, model.conditioner):
-        for name, tensor in sorted(module.state_dict().items()):
-            digest.update(name.encode())
-            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()[:12]
+    return weights_fingerprint(model, "sha1")
 
 
 class _Wrapped:

@@ -131,6 +131,18 @@ class FluxDigits:
         self.conditioner.save_pretrained(folder / "conditioner")
 
 
+def weights_fingerprint(model: FluxDigits, algorithm: str = "sha256") -> str:
+    """A short hash of the transformer's and conditioner's weights (names and bytes)."""
+    import hashlib
+
+    digest = hashlib.new(algorithm)
+    for module in (model.transformer, model.conditioner):
+        for name, tensor in sorted(module.state_dict().items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:12]
+
+
 def build_flux_digits(seed: int = 0, **overrides) -> FluxDigits:
     """A freshly initialised (random-weight) embedded model."""
     torch.manual_seed(seed)
