@@ -16,11 +16,9 @@ records that a rerun skips. ACCEL_BENCH_FLUX_DIR / ACCEL_BENCH_UNET_DIR point at
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 import resource
 import time
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -35,6 +33,7 @@ from accel.bench._samplers_diffusers import (DiffusersConfig, epsilon_configs, f
                                              steps_for_nfe)
 from accel.bench._samplers_models import BenchModel, epsilon_subject, flow_subject, sample_ours, sample_reference
 from accel.bench._samplers_optimized import Calibration, Calibrator
+from accel.bench._samplers_pool import run_pool
 from accel.embedded import FLUX_DIGITS_DIR, JudgeFeatures, load_flux_digits, load_judge
 from accel.embedded.data import real_reference_set
 from accel.embedded.unet import UNET_DIGITS_DIR, load_unet_digits
@@ -59,7 +58,9 @@ class Settings:
         optimize_nfes: NFE budgets that get an optimised schedule (None: all of `nfes`).
         diffusers: diffusers settings as "Solver/schedule" (None: all).
         calibration: the calibration set of the optimised schedules.
-        workers: processes, one model each, one thread each (1: both models in this process).
+        workers: single-thread processes sharing the models' work (1: everything in this process).
+        model_dirs: per model name, the folder of its weights (default: ACCEL_BENCH_FLUX_DIR /
+            ACCEL_BENCH_UNET_DIR, else the trained weights).
     """
 
     samples: int = 200
@@ -72,13 +73,15 @@ class Settings:
     diffusers: tuple[str, ...] | None = None
     calibration: Calibration = field(default_factory=Calibration)
     workers: int = 2
+    model_dirs: dict[str, str] | None = None
 
 
 FULL = Settings()
 # The quick sweep keeps every NFE and every diffusers setting; of ours it keeps each solver family's
-# best schedules on the calibration seeds, and optimises one solver per model at NFE <= 10.
+# best schedules on the calibration seeds, and optimises one solver per model at the target NFEs 6
+# and 8 (calibrating both from scratch costs about 2.5 CPU minutes for the flow model, 1.2 for the UNet).
 QUICK = Settings(
-    samples=30, batch_size=30, real_samples=1000, optimize_nfes=(4, 6, 8, 10),
+    samples=30, batch_size=30, real_samples=1000, optimize_nfes=(6, 8),
     ours={"flux-digits": ("euler/flux", "heun/flux", "dpmpp_2m/flux", "dpmpp_3m/flux", "unipc_bh2/flow",
                           "unipc_bh2/flux", "ipndm/flux", "unipc_bh2/optimized"),
           "unet-digits": ("euler/karras", "heun/karras", "dpmpp_2m/logsnr", "dpmpp_3m/logsnr", "unipc_bh2/karras",
@@ -200,21 +203,49 @@ def _reference(subject: BenchModel, settings: Settings, noise: torch.Tensor, lab
     return images
 
 
-def bench_model(subject: BenchModel, configs: list[DiffusersConfig], betas: dict | None, settings: Settings,
-                evaluate: Evaluator, store: report.RecordStore, out_dir: Path, skipped: list[str],
-                position: int = 0) -> list[dict]:
-    """Measures every configuration of one model (reusing finished records); returns the records."""
-    labels = torch.arange(settings.samples) % 10
-    noise = sample_noise(settings.seed, range(settings.samples), subject.shape)
-    calibrator = Calibrator(subject, settings.calibration, log=tqdm.write)
-    jobs = _our_jobs(subject, settings, calibrator, skipped) + _diffusers_jobs(subject, configs, betas,
+def plan_jobs(subject: BenchModel, configs: list[DiffusersConfig], betas: dict | None, settings: Settings,
+              calibrator: Calibrator, skipped: list[str]) -> list[Job]:
+    """Every configuration of one model, ours then diffusers'; configurations that cannot meet an
+    NFE exactly are added to `skipped`."""
+    return _our_jobs(subject, settings, calibrator, skipped) + _diffusers_jobs(subject, configs, betas,
                                                                                settings, skipped)
+
+
+def _stored(job: Job, store: report.RecordStore, signature: str) -> dict | None:
+    variant = job.variant() if job.variant is not None else ""
+    return None if variant is None else store.get(_variant(signature, variant), report.record_key(job.record))
+
+
+def _inputs(subject: BenchModel, settings: Settings) -> tuple[torch.Tensor, torch.Tensor]:
+    labels = torch.arange(settings.samples) % 10
+    return sample_noise(settings.seed, range(settings.samples), subject.shape), labels
+
+
+def prepare_model(subject: BenchModel, jobs: list[Job], settings: Settings, store: report.RecordStore,
+                  out_dir: Path) -> None:
+    """The untimed work of the jobs still to run: their optimised schedules and the reference."""
+    signature = _signature(subject, settings)
+    pending = [job for job in jobs if _stored(job, store, signature) is None]
+    for job in pending:
+        if job.prepare is not None:
+            job.prepare()
+    if pending:
+        _reference(subject, settings, *_inputs(subject, settings), out_dir)
+
+
+def bench_model(subject: BenchModel, jobs: list[Job], settings: Settings, evaluate: Evaluator,
+                store: report.RecordStore, out_dir: Path, position: int | None = 0) -> list[dict]:
+    """Measures the jobs of one model (reusing finished records); returns the records.
+
+    `position` places the progress bar (None: no bar, for worker processes).
+    """
+    noise, labels = _inputs(subject, settings)
     signature = _signature(subject, settings)
     reference = None
     records = []
-    for job in tqdm(jobs, desc=f"bench samplers {subject.name}", unit="config", position=position):
-        variant = job.variant() if job.variant is not None else ""
-        done = None if variant is None else store.get(_variant(signature, variant), report.record_key(job.record))
+    for job in tqdm(jobs, desc=f"bench samplers {subject.name}", unit="config", position=position or 0,
+                    disable=position is None):
+        done = _stored(job, store, signature)
         if done is not None:
             records.append(done)
             continue
@@ -237,32 +268,37 @@ def bench_model(subject: BenchModel, configs: list[DiffusersConfig], betas: dict
 MODELS = ("flux-digits", "unet-digits")
 
 
-def load_subject(name: str) -> tuple[BenchModel, list[DiffusersConfig], dict | None]:
-    """An embedded model by name (trained weights, or the folder named by the environment) with
-    its diffusers settings and betas."""
+def load_subject(name: str, settings: Settings | None = None) -> tuple[BenchModel, list[DiffusersConfig], dict | None]:
+    """An embedded model by name (settings.model_dirs, the folder named by the environment, or the
+    trained weights) with its diffusers settings and betas."""
+    given = (settings.model_dirs or {}) if settings is not None else {}
     if name == "flux-digits":
-        flux_dir = Path(os.environ.get("ACCEL_BENCH_FLUX_DIR", FLUX_DIGITS_DIR))
+        flux_dir = Path(given.get(name) or os.environ.get("ACCEL_BENCH_FLUX_DIR", FLUX_DIGITS_DIR))
         return flow_subject(load_flux_digits(flux_dir), flux_dir), flow_configs(), None
-    unet_dir = Path(os.environ.get("ACCEL_BENCH_UNET_DIR", UNET_DIGITS_DIR))
+    unet_dir = Path(given.get(name) or os.environ.get("ACCEL_BENCH_UNET_DIR", UNET_DIGITS_DIR))
     unet = load_unet_digits(unet_dir)
     return epsilon_subject(unet, unet_dir), epsilon_configs(), dict(unet.betas)
 
 
-def _bench_one(triple: tuple, settings: Settings, out_dir: Path, position: int = 0) -> tuple[list, list, dict]:
-    """Benchmarks one model; returns (records, skipped lines, the model's description)."""
+def describe(subject: BenchModel) -> dict:
+    """The model's entry in the JSON settings."""
+    return {subject.name: {"guidance": subject.guidance, "weights": str(subject.weights_dir),
+                           "reference": subject.reference.describe(), "fingerprint": subject.fingerprint}}
+
+
+def records_path(out_dir: Path, subject: BenchModel) -> Path:
+    return out_dir / f"samplers-records-{subject.name}.jsonl"
+
+
+def _bench_one(triple: tuple, settings: Settings, out_dir: Path) -> tuple[list, list, dict]:
+    """Benchmarks one model in this process; returns (records, skipped lines, the model's description)."""
     subject, configs, betas = triple
-    store = report.RecordStore(out_dir / f"samplers-records-{subject.name}.jsonl")
     skipped: list[str] = []
-    records = bench_model(subject, configs, betas, settings, Evaluator(settings.real_samples), store, out_dir,
-                          skipped, position)
-    described = {"guidance": subject.guidance, "weights": str(subject.weights_dir),
-                 "reference": subject.reference.describe(), "fingerprint": subject.fingerprint}
-    return records, skipped, {subject.name: described}
-
-
-def _worker(name: str, settings: Settings, out_dir: Path, position: int) -> tuple[list, list, dict]:
-    torch.set_num_threads(1)
-    return _bench_one(load_subject(name), settings, out_dir, position)
+    jobs = plan_jobs(subject, configs, betas, settings, Calibrator(subject, settings.calibration, log=tqdm.write),
+                     skipped)
+    records = bench_model(subject, jobs, settings, Evaluator(settings.real_samples),
+                          report.RecordStore(records_path(out_dir, subject)), out_dir)
+    return records, skipped, describe(subject)
 
 
 def _cpu_seconds() -> float:
@@ -285,13 +321,10 @@ def run(quick: bool, json_path: Path | None, out_dir: Path, settings: Settings |
     out_dir = Path(out_dir)
     start, cpu_start = time.perf_counter(), _cpu_seconds()
     if subjects is not None or settings.workers <= 1:
-        results = [_bench_one(triple, settings, out_dir)
-                   for triple in (subjects if subjects is not None else map(load_subject, MODELS))]
+        triples = subjects if subjects is not None else [load_subject(name, settings) for name in MODELS]
+        results = [_bench_one(triple, settings, out_dir) for triple in triples]
     else:
-        context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=settings.workers, mp_context=context) as pool:
-            futures = [pool.submit(_worker, name, settings, out_dir, position) for position, name in enumerate(MODELS)]
-            results = [future.result() for future in futures]
+        results = [run_pool(MODELS, settings, out_dir)]
     records = [record for result in results for record in result[0]]
     skipped = [line for result in results for line in result[1]]
     models = {name: info for result in results for name, info in result[2].items()}

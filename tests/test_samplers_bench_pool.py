@@ -1,0 +1,42 @@
+"""`accel bench samplers` on its worker pool gives the records of the in-process run (tiny models)."""
+
+import torch
+
+from accel.bench import samplers as bench
+from accel.bench._samplers_optimized import Calibration
+from accel.embedded import build_flux_digits
+from accel.embedded.unet import build_unet_digits
+
+TINY_FLUX = dict(num_layers=1, num_single_layers=1, attention_head_dim=8, num_attention_heads=2,
+                 joint_attention_dim=16, pooled_projection_dim=16, axes_dims_rope=(2, 2, 4))
+TINY_UNET = dict(block_out_channels=(16, 16, 16), norm_num_groups=8, attention_head_dim=8)
+
+
+def test_pool_and_in_process_runs_agree(tmp_path):
+    torch.manual_seed(0)
+    dirs = {"flux-digits": tmp_path / "flux", "unet-digits": tmp_path / "unet"}
+    build_flux_digits(seed=0, **TINY_FLUX).eval().save_pretrained(dirs["flux-digits"])
+    build_unet_digits(seed=0, **TINY_UNET).eval().save_pretrained(dirs["unet-digits"])
+    settings = bench.Settings(
+        samples=3, batch_size=3, nfes=(4,), real_samples=32,
+        ours={"flux-digits": ("euler/flow", "unipc_bh2/optimized"), "unet-digits": ("dpmpp_2m/karras",)},
+        diffusers=("FlowMatchEulerDiscrete/shift1", "DDIM/trailing"),
+        calibration=Calibration(samples=2, iterations=1, reference_nfe=6),
+        model_dirs={name: str(folder) for name, folder in dirs.items()})
+    pooled = bench.run(True, None, tmp_path / "pool", settings=settings)
+    schedule = dirs["flux-digits"] / "schedules" / "unipc_bh2-nfe4.json"
+    assert schedule.is_file()
+    stamp = schedule.stat().st_mtime_ns
+    alone = bench.run(True, None, tmp_path / "alone", settings=bench.Settings(**{**vars(settings), "workers": 1}))
+    assert schedule.stat().st_mtime_ns == stamp  # the calibrated schedule is reused, not remade
+
+    def key(record):
+        return record["model"], record["origin"], record["solver"], record["schedule"], record["nfe"]
+    assert sorted(map(key, pooled)) == sorted(map(key, alone)) == sorted([
+        ("flux-digits", "accel", "euler", "flow", 4), ("flux-digits", "accel", "unipc_bh2", "optimized", 4),
+        ("flux-digits", "diffusers", "FlowMatchEulerDiscrete", "shift1", 4),
+        ("unet-digits", "accel", "dpmpp_2m", "karras", 4), ("unet-digits", "diffusers", "DDIM", "trailing", 4)])
+    by_key = {key(record): record for record in alone}
+    for record in pooled:
+        other = by_key[key(record)]
+        assert record["psnr"] == other["psnr"] and record["fd"] == other["fd"], key(record)
