@@ -43,8 +43,9 @@ def _start(denoiser, noise: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
 class _PrefixCache:
     """A denoiser that returns the stored x0 when called again at the same (sigma, x) bytes.
 
-    Exact: a hit needs bit-identical inputs. The conditioning is fixed for one search, so it is not
-    part of the key. Keeps the `capacity` most recent results.
+    Exact: a hit needs bit-identical inputs, and the denoiser must be a pure function of (x, sigma)
+    for the search's fixed conditioning (not e.g. CFG with uncond reuse across steps, whose output
+    depends on earlier calls). Keeps the `capacity` most recent results.
     """
 
     def __init__(self, denoiser, capacity: int = 256):
@@ -173,7 +174,8 @@ def optimize_schedule(denoiser, solver: str, nfe: int, noise: torch.Tensor, *, c
     """Chooses the noise levels that minimise a solver's error at an NFE budget.
 
     Args:
-        denoiser: a Denoiser (returns x0).
+        denoiser: a Denoiser (returns x0), a pure function of (x, sigma, cond): repeated calls are
+            answered from a cache.
         solver: a name in SOLVERS.
         nfe: the model-evaluation budget; must be exactly reachable by the solver.
         noise: (B, ...) standard normal calibration noise (a few samples suffice); walks start
