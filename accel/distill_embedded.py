@@ -58,10 +58,11 @@ def cond_only_student(model: FluxDigits) -> samplers.Denoiser:
 
 
 def install_stack_cache(model: FluxDigits, steps: int, solver: str, preset: str,
-                        params: dict[str, Any]) -> Callable[[], None]:
-    """Installs the cache exactly as `accel run` will for (solver, steps, preset, params) with a
-    guidance-distilled student (the resolver's rules included); returns its remover."""
-    stack = Stack(SamplerPlan(solver, steps), CachePlan(preset, params), (), GuidancePlan(1.0, True))
+                        params: dict[str, Any], guidance: float = 1.0) -> Callable[[], None]:
+    """Installs the cache exactly as `accel run` will for (solver, steps, preset, params) and the
+    student's guidance (the resolver's rules included); returns its remover."""
+    stack = Stack(SamplerPlan(solver, steps), CachePlan(preset, params), (),
+                  GuidancePlan(1.0, True) if guidance == 1.0 else GuidancePlan(guidance))
     from accel.native import run_info_for
 
     resolved = resolve(stack, run_info_for(model, stack))
@@ -83,7 +84,8 @@ def _lora_exporter(model: FluxDigits, metadata: dict[str, str]) -> Callable[[Pat
 
 def build_trajectory_objective(name: str, model: FluxDigits, teacher: Trajectories, *, rank: int,
                                config: TrajectoryConfig, cache: str | None = None,
-                               cache_params: dict[str, Any] | None = None) -> TrajectoryDistillation:
+                               cache_params: dict[str, Any] | None = None,
+                               guidance: float = 1.0) -> TrajectoryDistillation:
     """A step-distillation ("step-distill") or cache-aware ("cache-aware") LoRA objective.
 
     Args:
@@ -94,18 +96,24 @@ def build_trajectory_objective(name: str, model: FluxDigits, teacher: Trajectori
         config: student steps, solver, schedule, loss.
         cache: a cache preset the student trains (and must later run) under, or None.
         cache_params: the preset's parameters.
+        guidance: the student's CFG scale: 1 distils guidance too (one cond pass per step, the
+            adapter starts far from the teacher); > 1 keeps CFG with the adapter on both branches
+            (the untrained student is the plain solver, so training starts from the baseline).
     """
     for module in (model.transformer, model.conditioner):
         module.requires_grad_(False)
     add_lora(model.transformer, rank=rank)
     metadata = {"accel.solver": config.solver, "accel.steps": str(config.steps), "accel.cache": cache or "none",
-                "accel.method": name, "accel.guidance": "distilled", "accel.schedule": config.schedule}
+                "accel.method": name, "accel.guidance": "distilled" if guidance == 1.0 else f"{guidance:g}",
+                "accel.schedule": config.schedule}
     install = None
     if cache is not None:
         params = dict(cache_params or {})
-        install = lambda: install_stack_cache(model, config.steps, config.solver, cache, params)  # noqa: E731
+        install = lambda: install_stack_cache(model, config.steps, config.solver, cache, params,  # noqa: E731
+                                              guidance)
         metadata["accel.cache_params"] = json.dumps(params, sort_keys=True)
-    return TrajectoryDistillation(name, model.transformer, cond_only_student(model), teacher, config,
+    student = cond_only_student(model) if guidance == 1.0 else flux_digits_denoiser(model, guidance)
+    return TrajectoryDistillation(name, model.transformer, student, teacher, config,
                                   export=_lora_exporter(model, metadata), install_cache=install)
 
 
@@ -135,7 +143,7 @@ def build_router_objective(model: FluxDigits, teacher: Trajectories, *, config: 
 
 TEACHER_DEFAULTS = {"model": "flux-digits", "device": "cpu", "teacher_count": 512, "teacher_steps": 50,
                     "guidance": 4.0, "teacher_batch": 64, "trajectories": "runs/teacher-trajectories"}
-LORA_DEFAULTS = {"rank": 16, "cache": None, "cache_params": {}}
+LORA_DEFAULTS = {"rank": 16, "cache": None, "cache_params": {}, "student_guidance": 1.0}
 
 
 def _split(params: Mapping[str, Any], extra: dict[str, Any], config_type: type, what: str) -> tuple[dict, dict]:
@@ -169,7 +177,8 @@ def lora_objective_from_params(name: str, params: Mapping[str, Any], seed: int) 
     model, teacher = _teacher(settings)
     return build_trajectory_objective(name, model, teacher, rank=int(settings["rank"]),
                                       config=TrajectoryConfig(**{"seed": seed, **config}), cache=settings["cache"],
-                                      cache_params=dict(settings["cache_params"] or {}))
+                                      cache_params=dict(settings["cache_params"] or {}),
+                                      guidance=float(settings["student_guidance"]))
 
 
 def router_objective_from_params(params: Mapping[str, Any], seed: int) -> RouterObjective:

@@ -58,21 +58,40 @@ def _adapter(name: str) -> str:
     return f"adapters=[{{path: {ADAPTERS_DIR / name}}}]"
 
 
+def _metadata(name: str) -> dict[str, str]:
+    """The safetensors header of a shipped adapter ({} when absent)."""
+    from safetensors import safe_open
+
+    path = ADAPTERS_DIR / name / "pytorch_lora_weights.safetensors"
+    if not path.is_file():
+        return {}
+    with safe_open(str(path), framework="pt") as handle:
+        return dict(handle.metadata() or {})
+
+
+def _guidance(name: str) -> tuple[str, ...]:
+    """Overrides for the guidance an adapter was trained with (distilled: one cond pass a step)."""
+    trained = _metadata(name).get("accel.guidance", "distilled")
+    return tuple(DISTILLED) if trained == "distilled" else (f"guidance.scale={float(trained)}",)
+
+
 def configurations(quick: bool) -> list[Config]:
     """Plain solvers at the adapters' NFE, the adapters, the cache without and with its adapter, the router."""
     out = []
     for steps in (4, 8):
         for solver in ("euler", "dpmpp_2m", "unipc_bh2"):
             out.append(Config(f"{solver} {steps}", (f"sampler.solver={solver}", f"sampler.steps={steps}")))
-        out.append(Config(f"step LoRA {steps}", ("sampler.solver=euler", f"sampler.steps={steps}", *DISTILLED,
-                                                 _adapter(f"step-{steps}")), adapter="step", needs=(f"step-{steps}",)))
+        out.append(Config(f"step LoRA {steps}", ("sampler.solver=euler", f"sampler.steps={steps}",
+                                                 *_guidance(f"step-{steps}"), _adapter(f"step-{steps}")),
+                          adapter="step", needs=(f"step-{steps}",)))
     aware = _cache_aware_spec()
     if aware is not None:
         steps, preset, params = aware
         cache = (f"sampler.steps={steps}", "sampler.solver=euler", f"cache.preset={preset}",
                  "cache.params={" + ", ".join(f"{k}: {v}" for k, v in params.items()) + "}")
         out.append(Config(f"euler {steps} + {preset}", cache, cache=preset))
-        out.append(Config(f"cache-aware LoRA {steps} + {preset}", (*cache, *DISTILLED, _adapter("cache-aware")),
+        out.append(Config(f"cache-aware LoRA {steps} + {preset}", (*cache, *_guidance("cache-aware"),
+                                                                   _adapter("cache-aware")),
                           cache=preset, adapter="cache-aware", needs=("cache-aware",)))
     router = ADAPTERS_DIR / "router" / "router.safetensors"
     for threshold in ((0.5,) if quick else (0.3, 0.5, 0.7)):
@@ -84,13 +103,9 @@ def configurations(quick: bool) -> list[Config]:
 
 def _cache_aware_spec() -> tuple[int, str, dict] | None:
     """(steps, preset, params) the shipped cache-aware adapter was trained for, from its metadata."""
-    from safetensors import safe_open
-
-    path = ADAPTERS_DIR / "cache-aware" / "pytorch_lora_weights.safetensors"
-    if not path.is_file():
+    meta = _metadata("cache-aware")
+    if not meta:
         return None
-    with safe_open(str(path), framework="pt") as handle:
-        meta = handle.metadata() or {}
     return int(meta["accel.steps"]), meta["accel.cache"], json.loads(meta.get("accel.cache_params", "{}"))
 
 
