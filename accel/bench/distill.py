@@ -94,7 +94,7 @@ def configurations(quick: bool) -> list[Config]:
                                                                    _adapter("cache-aware")),
                           cache=preset, adapter="cache-aware", needs=("cache-aware",)))
     router = ADAPTERS_DIR / "router" / "router.safetensors"
-    for threshold in ((0.5,) if quick else (0.3, 0.5, 0.7)):
+    for threshold in (0.3, 0.5, 0.7):
         out.append(Config(f"euler 50 + router@{threshold:g}", (
             "sampler.steps=50", "cache.preset=router", f"cache.params={{path: {router}, threshold: {threshold}}}"),
             cache="router", adapter="router", needs=("router",)))
