@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from accel.bench import _distill_report as report
-from accel.bench.distill import configurations
+from accel.bench.distill import _metadata, configurations
 
 
 def record(method, nfe, psnr, fd, flops_speedup, cache=None, adapter=None, steps=None):
@@ -33,5 +33,12 @@ def test_configurations_name_the_adapters_they_need():
     assert "euler 4" in labels and "step LoRA 4" in labels
     step = next(c for c in configs if c.label == "step LoRA 4")
     assert step.needs == ("step-4",) and step.adapter == "step"
-    assert "guidance.distilled=true" in step.overrides and "guidance.scale=1.0" in step.overrides
+    trained = _metadata("step-4").get("accel.guidance", "distilled")
+    if trained == "distilled":
+        assert "guidance.distilled=true" in step.overrides and "guidance.scale=1.0" in step.overrides
+    else:  # an adapter trained with CFG runs with the same scale, and also with CFG reuse
+        assert f"guidance.scale={float(trained)}" in step.overrides
+        reuse = next(c for c in configs if c.label == "step LoRA 4 + CFG reuse")
+        assert reuse.cache == "cfg-reuse" and "guidance.uncond_interval=2" in reuse.overrides
+    assert any("fuse: true" in o for o in step.overrides)
     assert all(c.adapter is None for c in configs if c.label.startswith(("euler 4", "unipc_bh2 4")))

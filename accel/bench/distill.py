@@ -33,6 +33,9 @@ from accel.recipe import load_recipe
 
 ADAPTERS_DIR = WEIGHTS_DIR / "adapters"
 DISTILLED = ["guidance.scale=1.0", "guidance.distilled=true"]
+# The uncond branch computed every 2nd step, (uncond - cond) reused in between (FasterCache's CFG
+# reuse, samplers.cfg_model_fn): a cache over the guidance branch rather than over features.
+CFG_REUSE = "cfg-reuse"
 
 
 @dataclass(frozen=True)
@@ -55,7 +58,8 @@ class Config:
 
 
 def _adapter(name: str) -> str:
-    return f"adapters=[{{path: {ADAPTERS_DIR / name}}}]"
+    """The adapter override; fused into the weights, as for deployment (no LoRA matmuls counted)."""
+    return f"adapters=[{{path: {ADAPTERS_DIR / name}, fuse: true}}]"
 
 
 def _metadata(name: str) -> dict[str, str]:
@@ -81,9 +85,12 @@ def configurations(quick: bool) -> list[Config]:
     for steps in (4, 8):
         for solver in ("euler", "dpmpp_2m", "unipc_bh2"):
             out.append(Config(f"{solver} {steps}", (f"sampler.solver={solver}", f"sampler.steps={steps}")))
-        out.append(Config(f"step LoRA {steps}", ("sampler.solver=euler", f"sampler.steps={steps}",
-                                                 *_guidance(f"step-{steps}"), _adapter(f"step-{steps}")),
-                          adapter="step", needs=(f"step-{steps}",)))
+        step = ("sampler.solver=euler", f"sampler.steps={steps}", *_guidance(f"step-{steps}"),
+                _adapter(f"step-{steps}"))
+        out.append(Config(f"step LoRA {steps}", step, adapter="step", needs=(f"step-{steps}",)))
+        if _metadata(f"step-{steps}").get("accel.guidance", "distilled") != "distilled":
+            out.append(Config(f"step LoRA {steps} + CFG reuse", (*step, "guidance.uncond_interval=2"),
+                              cache=CFG_REUSE, adapter="step", needs=(f"step-{steps}",)))
     aware = _cache_aware_spec()
     if aware is not None:
         steps, preset, params = aware
@@ -155,19 +162,21 @@ def run(quick: bool, json_path: Path | None, out_dir: Path) -> list[dict]:
     key = fingerprint(quick)
     lines = journal.read_text().splitlines() if journal.is_file() else []
     done = {r["method"]: r for r in map(json.loads, lines) if r.get("fingerprint") == key}
+    done = {label: r for label, r in done.items() if r.get("overrides")}
     todo = configurations(quick)
     for config in tqdm(todo, desc="distill", unit="config"):
         missing = [n for n in config.needs if not (ADAPTERS_DIR / n).exists()]
         if missing:
             print(f"skipped {config.label}: no {', '.join(missing)} under {ADAPTERS_DIR} (train it first)")
             continue
-        if config.label in done:
+        if config.label in done and done[config.label]["overrides"] == list(config.overrides):
             records.append(done[config.label])
             continue
         cell = base_recipe(quick, config.overrides)
         record, images = measure_stack(config.label, cell, model, inputs, split=False)
         add_speedups(record, reference).update(evaluate(images, ref_images))
-        record = {**_record(config, record, 1.0 if cell.guidance.scale == 1.0 else 2.0), "fingerprint": key}
+        record = {**_record(config, record, 1.0 if cell.guidance.scale == 1.0 else 2.0), "fingerprint": key,
+                  "overrides": list(config.overrides)}
         with journal.open("a") as handle:
             handle.write(json.dumps(record, default=str) + "\n")
         records.append(record)
