@@ -54,6 +54,7 @@ class GuidanceConfig:
 
     scale: float = 4.0  # guidance scale; 1 evaluates the cond branch only
     distilled: bool = False  # a guidance-distilled model: no uncond pass exists
+    uncond_interval: int = 1  # compute the uncond branch every this many steps (1: always)
 
 
 @dataclass

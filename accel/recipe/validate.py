@@ -131,6 +131,7 @@ def validate_recipe(recipe: DictConfig) -> None:
     _check_adapters(recipe.adapters)
     if recipe.guidance.scale < 1.0:
         raise RecipeError(f"guidance.scale: {recipe.guidance.scale} must be >= 1 (1 disables CFG)")
+    _at_least("guidance.uncond_interval", recipe.guidance.uncond_interval, 1)
     if recipe.guidance.distilled and recipe.guidance.scale != 1.0:
         raise RecipeError("guidance.scale: a guidance-distilled model has no uncond pass; set guidance.scale=1")
     _check_cache(recipe.cache)
