@@ -9,7 +9,8 @@ from accel.recipe import RecipeError, load_recipe
 def test_default_recipe_loads_with_typed_fields():
     recipe = load_recipe()
     assert recipe.name == "embedded-demo"
-    assert recipe.sampler.steps == 8 and recipe.eval.reference.steps == 50
+    assert recipe.sampler.steps == 6 and recipe.eval.reference.steps == 50
+    assert recipe.sampler.solver == "unipc_bh2" and recipe.cache.preset is None
     assert list(recipe.inputs.classes) == list(range(10))
 
 

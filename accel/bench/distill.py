@@ -129,7 +129,8 @@ def base_recipe(quick: bool, overrides: tuple[str, ...] = ()):
     """embedded-demo with the bench's inputs: quick 10 x 4 samples (seed 0), full 10 x 10 (seed 1)."""
     inputs = ["inputs.samples_per_class=4", "inputs.seed=0", "eval.timing_batch=10", "eval.timing_repeats=1"] \
         if quick else ["inputs.samples_per_class=10", "inputs.seed=1", "eval.timing_batch=20", "eval.timing_repeats=3"]
-    return load_recipe("embedded-demo", [*inputs, "output.dir=runs/bench-distill", *overrides])
+    base = ["sampler.solver=euler", "sampler.schedule=flow", "cache.preset=null", "output.dir=runs/bench-distill"]
+    return load_recipe("embedded-demo", [*inputs, *base, *overrides])
 
 
 def _record(config: Config, record: dict, steps_passes: float) -> dict:
