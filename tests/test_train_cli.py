@@ -52,7 +52,7 @@ def test_accel_train_ddpm_lora_exports_a_diffusers_lora_file(tmp_path):
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["objective.name=nope"], "objective.name: 'nope' is not allowed; choose one of: ddpm, flow-matching"),
+    (["objective.name=nope"], "objective.name: 'nope' is not allowed; choose one of: cache-aware, ddpm, flow-matching, router, step-distill"),
     (["train.steps=0"], "train.steps: 0 must be >= 1"),
     (["train.mixed_precision=fp8"], "train.mixed_precision: 'fp8' is not allowed"),
     (["train.stepz=3"], "unknown key 'train.stepz'"),
