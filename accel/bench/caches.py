@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from accel.bench import _cache_report as report
@@ -103,13 +104,13 @@ def _runnable(variant: Variant) -> bool:
 def _reference(bench: Bench, journal: Journal, out_dir: Path) -> dict:
     """The full-step reference record (reused with its saved images when resuming)."""
     variant = Variant("accel", "reference", {})
-    images_path = out_dir / f"reference-{bench.fingerprint}.pt"
+    images_path = out_dir / f"reference-{bench.fingerprint}.safetensors"
     if variant.key in journal.done and images_path.is_file():
-        bench.reference_images = torch.load(images_path)
+        bench.reference_images = load_file(images_path)["images"]
         return journal.done[variant.key]
     record = bench.measure(variant)
     out_dir.mkdir(parents=True, exist_ok=True)
-    torch.save(bench.reference_images, images_path)
+    save_file({"images": bench.reference_images.contiguous()}, images_path)
     journal.add(record)
     return record
 
