@@ -1,5 +1,6 @@
 """`accel bench samplers` on its worker pool gives the records of the in-process run (tiny models)."""
 
+import pytest
 import torch
 
 from accel.bench import samplers as bench
@@ -39,4 +40,6 @@ def test_pool_and_in_process_runs_agree(tmp_path):
     by_key = {key(record): record for record in alone}
     for record in pooled:
         other = by_key[key(record)]
-        assert record["psnr"] == other["psnr"] and record["fd"] == other["fd"], key(record)
+        # worker processes may run with another thread count than this one: equal up to reduction order
+        assert record["psnr"] == pytest.approx(other["psnr"], rel=1e-5), key(record)
+        assert record["fd"] == pytest.approx(other["fd"], rel=1e-4, abs=1e-6), key(record)
