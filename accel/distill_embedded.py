@@ -32,11 +32,6 @@ LORA_FILE = "pytorch_lora_weights.safetensors"
 ROUTER_FILE = "router.safetensors"
 
 
-def model_fingerprint(model: FluxDigits) -> str:
-    """A short hash of the model's weights (trajectories are tied to it)."""
-    return weights_fingerprint(model)
-
-
 def teacher_trajectories(model: FluxDigits, folder: str | Path, *, count: int, steps: int = 50,
                          guidance: float = 4.0, seed: int = TRAIN_SEED, batch_size: int = 64,
                          resolution: int = 16) -> Trajectories:
@@ -44,17 +39,11 @@ def teacher_trajectories(model: FluxDigits, folder: str | Path, *, count: int, s
     labels = torch.arange(count) % 10
     noise = sample_noise(seed, range(count), (1, resolution, resolution))
     sigmas = samplers.make_sigmas("flow", steps, samplers.FlowSchedule())
-    meta = {"model": model_fingerprint(model), "solver": "euler", "steps": str(steps), "schedule": "flow",
+    meta = {"model": weights_fingerprint(model), "solver": "euler", "steps": str(steps), "schedule": "flow",
             "guidance": f"{guidance:g}", "seed": str(seed), "batch_size": str(batch_size)}
-    with torch.no_grad():
-        return record_trajectories(flux_digits_denoiser(model, guidance), noise, {"labels": labels},
-                                   solver="euler", sigmas=sigmas, batch_size=batch_size, folder=folder, meta=meta,
-                                   device=next(model.transformer.parameters()).device)
-
-
-def cond_only_student(model: FluxDigits) -> samplers.Denoiser:
-    """The guidance-distilled student: one cond pass per step (no CFG)."""
-    return samplers.Denoiser(lambda x, t, *, labels: model.velocity(x, t, labels), prediction_type="flow")
+    return record_trajectories(flux_digits_denoiser(model, guidance), noise, {"labels": labels},
+                               solver="euler", sigmas=sigmas, batch_size=batch_size, folder=folder, meta=meta,
+                               device=next(model.transformer.parameters()).device)
 
 
 def install_stack_cache(model: FluxDigits, steps: int, solver: str, preset: str,
@@ -112,8 +101,7 @@ def build_trajectory_objective(name: str, model: FluxDigits, teacher: Trajectori
         install = lambda: install_stack_cache(model, config.steps, config.solver, cache, params,  # noqa: E731
                                               guidance)
         metadata["accel.cache_params"] = json.dumps(params, sort_keys=True)
-    student = cond_only_student(model) if guidance == 1.0 else flux_digits_denoiser(model, guidance)
-    return TrajectoryDistillation(name, model.transformer, student, teacher, config,
+    return TrajectoryDistillation(name, model.transformer, flux_digits_denoiser(model, guidance), teacher, config,
                                   export=_lora_exporter(model, metadata), install_cache=install)
 
 

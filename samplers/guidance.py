@@ -37,17 +37,16 @@ def cfg_model_fn(model_fn: Callable[..., torch.Tensor], scale: float, *, cond_ke
             conditional = model_fn(x, sigma, **cond)
         if scale == 1.0:
             return conditional
-        context = current_step()
+        context = current_step() if uncond_interval > 1 else None
         key = None if context is None else (context.generation, context.stage)
-        is_reuse_step = (uncond_interval > 1 and key in offsets
-                         and context.step_index % uncond_interval != 0)
+        is_reuse_step = key in offsets and context.step_index % uncond_interval != 0
         if is_reuse_step:
             return conditional + (1.0 - scale) * offsets[key]
         null_cond = dict(cond)
         null_cond[cond_key] = uncond_value(cond[cond_key])
         with guidance_branch("uncond"):
             unconditional = model_fn(x, sigma, **null_cond)
-        if uncond_interval > 1 and key is not None:
+        if key is not None:
             if any(stored[0] != key[0] for stored in offsets):  # a new generation: drop the old one's
                 offsets.clear()
             offsets[key] = unconditional - conditional

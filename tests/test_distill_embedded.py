@@ -8,9 +8,10 @@ import pytest
 import torch
 
 import caching
-from accel.distill_embedded import (build_router_objective, build_trajectory_objective, model_fingerprint,
+from accel.distill_embedded import (build_router_objective, build_trajectory_objective,
                                     teacher_trajectories)
 from accel.embedded import build_flux_digits
+from accel.embedded.model import weights_fingerprint
 from accel.resolve import read_trained_for
 from distill.objectives.router import RouterConfig
 from distill.objectives.trajectory import TrajectoryConfig
@@ -39,7 +40,7 @@ def test_teacher_trajectories_are_the_guided_euler_reference(teacher):
     final = samplers.sample(flux_digits_denoiser(model, 4.0), noise, solver="euler", steps=8, schedule="flow",
                             cond={"labels": torch.arange(4)})
     torch.testing.assert_close(teacher.states[:4, -1], final, rtol=1e-5, atol=1e-5)
-    assert teacher.meta["model"] == model_fingerprint(model)
+    assert teacher.meta["model"] == weights_fingerprint(model)
 
 
 def test_step_distill_trains_and_exports_a_loadable_adapter(teacher, tmp_path):

@@ -162,16 +162,16 @@ def run(quick: bool, json_path: Path | None, out_dir: Path) -> list[dict]:
     journal = out_dir / f"distill-{mode}.jsonl"
     key = fingerprint(quick)
     lines = journal.read_text().splitlines() if journal.is_file() else []
-    done = {r["method"]: r for r in map(json.loads, lines) if r.get("fingerprint") == key}
-    done = {label: r for label, r in done.items() if r.get("overrides")}
+    done = {(r["method"], tuple(r["overrides"])): r for r in map(json.loads, lines)
+            if r.get("fingerprint") == key and "overrides" in r}
     todo = configurations(quick)
     for config in tqdm(todo, desc="distill", unit="config"):
         missing = [n for n in config.needs if not (ADAPTERS_DIR / n).exists()]
         if missing:
             print(f"skipped {config.label}: no {', '.join(missing)} under {ADAPTERS_DIR} (train it first)")
             continue
-        if config.label in done and done[config.label]["overrides"] == list(config.overrides):
-            records.append(done[config.label])
+        if (config.label, config.overrides) in done:
+            records.append(done[config.label, config.overrides])
             continue
         cell = base_recipe(quick, config.overrides)
         record, images = measure_stack(config.label, cell, model, inputs, split=False)
