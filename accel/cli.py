@@ -27,10 +27,12 @@ def _ablate(args: argparse.Namespace) -> int:
 
 def _train(args: argparse.Namespace) -> int:
     from accel.recipe.train_schema import load_train_recipe
-    from accel.train import is_main_launch_process, run_train_recipe
+    from accel.train import is_main_launch_process, quick_overrides, run_train_recipe
     from distill.training import TrainingError
 
     recipe = load_train_recipe(args.recipe, args.overrides)
+    if args.quick:  # the user's own overrides still win over the smoke settings
+        recipe = load_train_recipe(args.recipe, [*quick_overrides(recipe.objective.name), *args.overrides])
     try:
         result = run_train_recipe(recipe)
     except TrainingError as error:  # a NaN loss, or checkpoints of another run in the folder
@@ -44,6 +46,13 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
+def _is_training_recipe(name: str) -> bool:
+    """A recipe for `accel train` (an `objective` section) rather than for run/ablate."""
+    from accel.recipe.load import read_recipe_file
+
+    return "objective" in read_recipe_file(find_recipe(name))
+
+
 def _recipes(args: argparse.Namespace) -> int:
     if args.action == "list":
         for group, names in list_recipes().items():
@@ -51,7 +60,11 @@ def _recipes(args: argparse.Namespace) -> int:
         return 0
     if args.name is None:
         raise RecipeError("accel recipes show needs a recipe name (see: accel recipes list)")
-    if args.resolved:
+    if args.resolved and _is_training_recipe(args.name):
+        from accel.recipe.train_schema import load_train_recipe
+
+        print(to_yaml(load_train_recipe(args.name, args.overrides)), end="")
+    elif args.resolved:
         print(to_yaml(load_recipe(args.name, args.overrides)), end="")
     else:
         print(find_recipe(args.name).read_text(), end="")
@@ -82,6 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     train = commands.add_parser("train", help="train an objective (checkpointed, resumable) from a training recipe")
     train.add_argument("recipe", help="training recipe YAML or shipped name (e.g. train/flow-digits)")
     train.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=50")
+    train.add_argument("--quick", action="store_true",
+                       help="smoke run: 3 steps, a 16-trajectory teacher, files under runs/train-quick/")
     train.set_defaults(handler=_train)
     recipes = commands.add_parser("recipes", help="list shipped recipes or show one")
     recipes.add_argument("action", choices=["list", "show"])

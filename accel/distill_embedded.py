@@ -34,15 +34,16 @@ ROUTER_FILE = "router.safetensors"
 
 def teacher_trajectories(model: FluxDigits, folder: str | Path, *, count: int, steps: int = 50,
                          guidance: float = 4.0, seed: int = TRAIN_SEED, batch_size: int = 64,
-                         resolution: int = 16) -> Trajectories:
-    """The guided Euler teacher's states on `count` training seeds (labels cycle 0..9), resumable."""
+                         resolution: int = 16, solver: str = "euler") -> Trajectories:
+    """The guided teacher's states (`solver`, `steps` on the flow schedule) on `count` training
+    seeds (labels cycle 0..9), resumable."""
     labels = torch.arange(count) % 10
     noise = sample_noise(seed, range(count), (1, resolution, resolution))
     sigmas = samplers.make_sigmas("flow", steps, samplers.FlowSchedule())
-    meta = {"model": weights_fingerprint(model), "solver": "euler", "steps": str(steps), "schedule": "flow",
+    meta = {"model": weights_fingerprint(model), "solver": solver, "steps": str(steps), "schedule": "flow",
             "guidance": f"{guidance:g}", "seed": str(seed), "batch_size": str(batch_size)}
     return record_trajectories(flux_digits_denoiser(model, guidance), noise, {"labels": labels},
-                               solver="euler", sigmas=sigmas, batch_size=batch_size, folder=folder, meta=meta,
+                               solver=solver, sigmas=sigmas, batch_size=batch_size, folder=folder, meta=meta,
                                device=next(model.transformer.parameters()).device)
 
 
@@ -130,6 +131,7 @@ def build_router_objective(model: FluxDigits, teacher: Trajectories, *, config: 
 # ---- `accel train` builders: objective params from a training recipe -> an Objective ----------
 
 TEACHER_DEFAULTS = {"model": "flux-digits", "device": "cpu", "teacher_count": 512, "teacher_steps": 50,
+                    "teacher_solver": "euler",
                     "guidance": 4.0, "teacher_batch": 64, "trajectories": "runs/teacher-trajectories"}
 LORA_DEFAULTS = {"rank": 16, "cache": None, "cache_params": {}, "student_guidance": 1.0}
 
@@ -152,7 +154,7 @@ def _teacher(settings: dict[str, Any]) -> tuple[FluxDigits, Trajectories]:
     model = load_embedded_model(settings["model"], settings["device"])
     teacher = teacher_trajectories(model, settings["trajectories"], count=int(settings["teacher_count"]),
                                    steps=int(settings["teacher_steps"]), guidance=float(settings["guidance"]),
-                                   batch_size=int(settings["teacher_batch"]))
+                                   batch_size=int(settings["teacher_batch"]), solver=str(settings["teacher_solver"]))
     return model, teacher
 
 

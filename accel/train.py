@@ -196,6 +196,19 @@ def is_main_launch_process() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
+TEACHER_OBJECTIVES = ("step-distill", "cache-aware", "router")
+
+
+def quick_overrides(objective: str) -> list[str]:
+    """`accel train --quick`: a smoke run of any recipe (3 steps, a 16-trajectory teacher of its
+    own, files under runs/train-quick/) that checks the wiring end to end in minutes on CPU."""
+    quick = ["train.steps=3", "train.warmup_steps=0", "train.checkpoint_every=2", "train.log_every=1",
+             "output.dir=runs/train-quick"]
+    if objective in TEACHER_OBJECTIVES:
+        quick += ["objective.params.teacher_count=16", "objective.params.trajectories=runs/train-quick/teacher"]
+    return quick
+
+
 def run_train_recipe(recipe: DictConfig) -> TrainResult:
     """Builds the recipe's objective and trains it; files go to <output.dir>/<name>/.
 

@@ -120,11 +120,38 @@ def test_every_training_recipe_field_and_objective_param_is_documented():
     from omegaconf import OmegaConf
 
     from accel.recipe.train_schema import TrainRecipe
+    from accel.distill_embedded import LORA_DEFAULTS, TEACHER_DEFAULTS
     from accel.train import DDPMParams, FlowMatchingParams
+    from distill.objectives.router import RouterConfig
+    from distill.objectives.trajectory import TrajectoryConfig
 
     docs = (Path(__file__).parents[1] / "docs" / "recipes.md").read_text()
     training = docs[docs.index("## Training recipes"):]
     keys = list(_schema_keys(OmegaConf.structured(TrainRecipe)))
     keys += sorted({f"objective.params.{f.name}" for p in (FlowMatchingParams, DDPMParams) for f in fields(p)})
+    distill = {*TEACHER_DEFAULTS, *LORA_DEFAULTS, "threshold"}
+    distill |= {f.name for p in (TrajectoryConfig, RouterConfig) for f in fields(p)}
+    keys += sorted(f"objective.params.{name}" for name in distill)
     missing = [k for k in keys if f"`{k}`" not in training]
-    assert len(keys) > 25 and "train.ema_decay" in keys and missing == []
+    assert len(keys) > 50 and "objective.params.teacher_solver" in keys and missing == []
+
+
+def test_recipes_show_resolves_training_recipes(capsys):
+    from accel.cli import main
+
+    assert main(["recipes", "show", "train/step-distill-4", "--resolved", "train.steps=5"]) == 0
+    shown = capsys.readouterr().out
+    assert "name: step-distill-4" in shown and "  steps: 5\n" in shown and "teacher_solver: unipc_bh2" in shown
+
+
+@pytest.mark.parametrize("recipe", ["train/step-distill-4", "train/router", "train/flow-digits"])
+def test_train_quick_is_a_three_step_smoke_run_in_its_own_folder(recipe):
+    from accel.recipe.train_schema import load_train_recipe
+    from accel.train import quick_overrides
+
+    full = load_train_recipe(recipe)
+    quick = load_train_recipe(recipe, [*quick_overrides(full.objective.name), "train.seed=3"])
+    assert quick.train.steps == 3 and quick.train.seed == 3 and quick.output.dir == "runs/train-quick"
+    if full.objective.name in ("step-distill", "router"):
+        assert quick.objective.params.teacher_count == 16
+        assert quick.objective.params.trajectories != full.objective.params.get("trajectories")

@@ -170,8 +170,8 @@ def run(quick: bool, json_path: Path | None, out_dir: Path) -> list[dict]:
         if missing:
             print(f"skipped {config.label}: no {', '.join(missing)} under {ADAPTERS_DIR} (train it first)")
             continue
-        if (config.label, config.overrides) in done:
-            records.append(done[config.label, config.overrides])
+        if (config.label, config.overrides) in done:  # speedups against this run's reference
+            records.append(add_speedups(done[config.label, config.overrides], reference))
             continue
         cell = base_recipe(quick, config.overrides)
         record, images = measure_stack(config.label, cell, model, inputs, split=False)
