@@ -256,6 +256,11 @@ def guidance_branches(stack: Stack, run: RunInfo) -> Decision:
     elif guidance.uncond_interval > 1:
         lines.append(f"uncond-reuse: uncond computed every {guidance.uncond_interval} steps; in between, "
                      "cond + the last computed (uncond - cond)")
+        if stack.cache is not None and "uncond" not in stack.cache.params.get("full_branches", ()):
+            stack = stack.replace(cache=stack.cache.with_params(full_branches=["uncond"]))
+            lines.append(f"uncond-reuse-vs-cache: the uncond branch is already computed only every "
+                         f"{guidance.uncond_interval} steps; caching it as well would stack two reuses on it "
+                         f"-> {stack.cache.preset} caches the cond branch only")
     if stack.cache is not None and run.guidance == "separate":
         lines.append("guidance-branches: cond and uncond are separate calls -> one cache state per branch")
     elif stack.cache is not None and run.guidance == "batched":

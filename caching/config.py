@@ -12,6 +12,8 @@ import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from step_context import BRANCHES
+
 if TYPE_CHECKING:
     from .runtime import CallFrame
 
@@ -95,6 +97,8 @@ class CacheConfig:
             (None: unbounded; at least one step once converted).
         count_flops: measure per-unit FLOPs (once per input shape) so statistics report savings.
         name: the preset name, for reports.
+        full_branches: guidance branches computed in full on every call ("cond", "uncond" or
+            "batched"); e.g. ("uncond",) when CFG already computes that branch only every k steps.
     """
 
     trigger: TriggerConfig
@@ -105,8 +109,14 @@ class CacheConfig:
     max_cached: float | None = None
     count_flops: bool = True
     name: str = "custom"
+    full_branches: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        self.full_branches = tuple(self.full_branches)
+        unknown = sorted(set(self.full_branches) - set(BRANCHES))
+        if unknown:
+            raise ValueError(f"CacheConfig: full_branches={list(self.full_branches)} names {unknown[0]!r}; "
+                             f"branches are {', '.join(BRANCHES)}")
         if self.update is None:
             from .updates import ReuseUpdate
             self.update = ReuseUpdate()
@@ -135,7 +145,8 @@ class CacheConfig:
         return {"name": self.name, "trigger": {"kind": self.trigger.name, **fields_of(self.trigger)},
                 "scope": {"kind": self.scope.name, **fields_of(self.scope)},
                 "update": {"kind": self.update.name, **fields_of(self.update)},
-                "warmup": self.warmup, "cooldown": self.cooldown, "max_cached": self.max_cached}
+                "warmup": self.warmup, "cooldown": self.cooldown, "max_cached": self.max_cached,
+                "full_branches": list(self.full_branches)}
 
 
 @dataclass(frozen=True)

@@ -2,8 +2,9 @@
 
 `get_preset(name, **params)` returns a CacheConfig; `params` override the preset's defaults.
 Every preset also takes the common parameters: `warmup`, `cooldown`, `max_cached` (fractions of
-the trajectory), `count_flops`, and the update rule: `update` ("reuse", "taylor", "foca") with
-`order` (taylor), `calibration` (foca) and `axis` ("step" or "sigma").
+the trajectory), `count_flops`, `full_branches` (guidance branches never cached) and the update
+rule: `update` ("reuse", "taylor", "foca") with `order` (taylor), `calibration` (foca) and `axis`
+("step" or "sigma").
 """
 
 from __future__ import annotations
@@ -41,7 +42,8 @@ class Preset:
 
 
 COMMON_DEFAULTS: dict[str, Any] = {"warmup": 0.0, "cooldown": 0.0, "max_cached": None, "count_flops": True,
-                                   "update": "reuse", "order": 2, "calibration": 1.0, "axis": "step"}
+                                   "update": "reuse", "order": 2, "calibration": 1.0, "axis": "step",
+                                   "full_branches": ()}
 
 PRESETS: dict[str, Preset] = {}
 
@@ -171,7 +173,7 @@ def get_preset(name: str, **params: Any) -> CacheConfig:
     trigger, scope = preset.build(values)
     return CacheConfig(trigger=trigger, scope=scope, update=_update(values), warmup=values["warmup"],
                        cooldown=values["cooldown"], max_cached=values["max_cached"],
-                       count_flops=values["count_flops"], name=name)
+                       count_flops=values["count_flops"], name=name, full_branches=tuple(values["full_branches"]))
 
 
 def list_presets() -> list[str]:

@@ -197,8 +197,9 @@ class CacheRuntime:
                              and state.consecutive_cached >= schedule.max_cached_steps)
         is_cache_empty = not state.has_cache
         is_calibrating = self.calibrator is not None
+        is_full_branch = context.branch in self.config.full_branches
         frame.must_compute = (is_warmup_phase or is_cooldown_phase or is_forced_refresh
-                              or is_cache_empty or is_calibrating)
+                              or is_cache_empty or is_calibrating or is_full_branch)
         if self.trigger.signal is not None:
             frame.should_compute = None  # decided at the scope's decision point, from features
         elif frame.must_compute:

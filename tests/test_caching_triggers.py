@@ -143,6 +143,20 @@ def test_branches_keep_separate_state(toy):
     assert run.steps_computed("uncond") == list(range(8))
 
 
+def test_full_branches_are_computed_every_call_while_others_are_cached(toy):
+    from step_context import new_generation
+
+    config = CacheConfig(IntervalTrigger(3), ResidualScope(), full_branches=["uncond"])
+    handle = apply_cache(toy, config)
+    generation = new_generation()
+    drive(toy, shift_inputs(7), branch="cond", generation=generation)
+    drive(toy, shift_inputs(7), branch="uncond", generation=generation)
+    run = handle.stats.last_run()
+    assert run.steps_computed("cond") == [0, 3, 6] and run.steps_computed("uncond") == list(range(7))
+    with pytest.raises(ValueError, match="full_branches=.*'negative'"):
+        CacheConfig(IntervalTrigger(3), ResidualScope(), full_branches=("negative",))
+
+
 def test_no_context_computes_everything_and_warns_once(toy, caplog):
     handle = apply_cache(toy, interval(3))
     with caplog.at_level(logging.WARNING, logger="caching"), torch.no_grad():

@@ -127,6 +127,15 @@ def test_uncond_reuse_needs_separate_branch_calls():
     assert adjusted.guidance.uncond_interval == 1 and any("-> off" in d for d in decisions)
 
 
+def test_uncond_reuse_leaves_the_uncond_branch_uncached():
+    stack = _stack("unipc_bh2", 12, "taylorseer", {"interval": 3}, guidance=GuidancePlan(4.0, uncond_interval=2))
+    adjusted, decisions = _run(stack, guidance="separate")
+    assert adjusted.cache.build().full_branches == ("uncond",)
+    assert any(d.startswith("uncond-reuse-vs-cache:") and "caches the cond branch only" in d for d in decisions)
+    plain, decisions = _run(dataclasses.replace(stack, guidance=GuidancePlan(4.0)), guidance="separate")
+    assert plain.cache.build().full_branches == () and not any("vs-cache" in d for d in decisions)
+
+
 # ---------------------------------------------------------------- prediction type and scope
 
 
