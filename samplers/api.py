@@ -8,6 +8,7 @@ import torch
 
 from samplers.loop import run_solver
 from samplers.registry import DEFAULT_SCHEDULES, SolverSpec, get_schedule, get_solver
+from samplers.schedules import optimized_solver_options
 
 
 def resolve_steps(spec: SolverSpec, steps: int | None, nfe: int | None) -> int:
@@ -44,7 +45,8 @@ def sample(denoiser, noise: torch.Tensor, *, solver: str = "dpmpp_2m", steps: in
         nfe: model-evaluation budget per guidance branch, met exactly (give this or `steps`).
         schedule: a name in SCHEDULES, or "auto" (uniform t for flow, Karras for VP).
         schedule_options: keyword options of the schedule function (e.g. {"shift": 3.0}).
-        solver_options: keyword options of the solver core (e.g. {"eta": 0.5} for ddim).
+        solver_options: keyword options of the solver core (e.g. {"eta": 0.5} for ddim); an
+            optimised schedule's own (its calibrated `compensation`) apply unless given here.
         cond: keyword conditioning passed to the denoiser.
         callback: optional `callback(step_index, x, x0)` after each step.
 
@@ -56,5 +58,6 @@ def sample(denoiser, noise: torch.Tensor, *, solver: str = "dpmpp_2m", steps: in
     num_steps = resolve_steps(spec, steps, nfe)
     sigmas = make_sigmas(schedule, num_steps, denoiser.schedule, **(schedule_options or {}))
     _, scale = denoiser.alpha_sigma(sigmas[0].to(torch.float64))
-    core = spec.make_steps(noise * float(scale), sigmas, denoiser.schedule, **(solver_options or {}))
+    options = {**optimized_solver_options(schedule, schedule_options), **(solver_options or {})}
+    core = spec.make_steps(noise * float(scale), sigmas, denoiser.schedule, **options)
     return run_solver(core, denoiser, sigmas, order=spec.order, cond=cond, callback=callback)

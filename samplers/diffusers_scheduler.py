@@ -28,7 +28,7 @@ from samplers.api import make_sigmas
 from samplers.denoiser import FlowSchedule, prediction_to_x0
 from samplers.loop import Evaluation, advance, check_sigmas, evaluation_context, model_timestep
 from samplers.registry import DEFAULT_SCHEDULES, SolverSpec, get_schedule, get_solver
-from samplers.schedules import shift_time, vp_schedule_from_betas
+from samplers.schedules import optimized_solver_options, shift_time, vp_schedule_from_betas
 from step_context import new_generation, set_current
 
 PREDICTION_ALIASES = {"flow": "flow", "flow_prediction": "flow", "epsilon": "epsilon", "v": "v",
@@ -99,6 +99,7 @@ class AccelScheduler(SchedulerMixin, ConfigMixin):
         self.solver_sigmas: torch.Tensor | None = None  # (N + 1,): the walk of solver steps
         self.num_inference_steps: int | None = None
         self._plan: list[Evaluation] = []
+        self._solver_options: dict = dict(self.config.solver_options or {})
         self._core = None
         self._step_index: int | None = None
         self._generation = 0
@@ -191,14 +192,16 @@ class AccelScheduler(SchedulerMixin, ConfigMixin):
             num_inference_steps = len(given) - int(len(given) > 1 and float(given[-1]) == 0)
         if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
             raise ValueError(f"num_inference_steps must be an integer >= 1, got {num_inference_steps!r}")
+        self._solver_options = dict(self.config.solver_options or {})
         if given is not None and self.config.use_given_sigmas:
             walk = self._follow_given(given, mu)
         else:
-            walk = make_sigmas(self.schedule_name, num_inference_steps, self.model_schedule,
-                               **self._schedule_options(mu))
+            options = self._schedule_options(mu)
+            walk = make_sigmas(self.schedule_name, num_inference_steps, self.model_schedule, **options)
+            self._solver_options = {**optimized_solver_options(self.schedule_name, options), **self._solver_options}
         self.solver_sigmas = check_sigmas(walk)
         self._plan = plan_evaluations(self.solver_spec, self.solver_sigmas, self.model_schedule,
-                                      self.config.solver_options or {})
+                                      self._solver_options)
         # Pipelines read sigmas[i] and timesteps[i] for their i-th model call (WanPipeline,
         # CogView4, Cosmos); like diffusers' Heun schedulers, both list one entry per evaluation.
         self.sigmas = torch.tensor([p.sigma for p in self._plan] + [float(self.solver_sigmas[-1])],
@@ -234,7 +237,7 @@ class AccelScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError(f"all {len(self._plan)} timesteps are done; call set_timesteps(...) again")
         x = sample.to(torch.float32)
         if self._core is None:
-            options = dict(self.config.solver_options or {})
+            options = dict(self._solver_options)
             if generator is not None and "generator" in inspect.signature(self.solver_spec.steps).parameters:
                 options["generator"] = generator
             self._core = self.solver_spec.make_steps(x, self.solver_sigmas, self.model_schedule, **options)

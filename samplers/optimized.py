@@ -94,6 +94,7 @@ class _Objective:
     penalty: float = 0.0
     start_taus: list[float] = field(default_factory=list)
     calls: int = 0
+    ratio_penalty: float = 0.0
 
     @torch.no_grad()
     def errors(self, sigmas: torch.Tensor) -> torch.Tensor:
@@ -111,7 +112,15 @@ class _Objective:
         if self.penalty:
             taus = [level(self.denoiser.schedule, float(s)).tau for s in sigmas[1:-1]]
             value += math.log1p(self.penalty * sum((t - t0) ** 2 for t, t0 in zip(taus, self.start_taus)))
+        ratios = self.solver_options.get("compensation")
+        if ratios is not None and self.ratio_penalty:
+            value += math.log1p(self.ratio_penalty * sum(r * r for r in ratios))
         return value
+
+    def set_ratios(self, ratios: list[float]) -> "_Objective":
+        """Sets the solver's compensation ratios for the next evaluations; returns self."""
+        self.solver_options = {**self.solver_options, "compensation": list(ratios)}
+        return self
 
 
 def _golden_section(f: Callable[[float], float], low: float, high: float, iterations: int) -> tuple[float, float]:
@@ -164,13 +173,39 @@ def _coordinate_descent(objective: _Objective, sigmas: torch.Tensor, best: float
     return sigmas, best
 
 
+def _search_ratios(objective: _Objective, sigmas: torch.Tensor, sweeps: int, iterations: int,
+                   width: float, log: Callable[[str], None] | None) -> tuple[list[float], float]:
+    """Golden-section search of each step's compensation ratio (samplers.compensation) around its
+    current value, the bracket halved every pass; starts from no compensation (all 0)."""
+    ratios = [0.0] * (len(sigmas) - 1)
+    best = objective.set_ratios(ratios)(sigmas)
+    for sweep in range(sweeps):
+        start, half = best, width / 2 ** (sweep + 1)
+        for index in range(1, len(ratios)):
+            def error_at(value: float) -> float:
+                trial = ratios[:index] + [value] + ratios[index + 1:]
+                return objective.set_ratios(trial)(sigmas)
+
+            value, error = _golden_section(error_at, ratios[index] - half, ratios[index] + half, iterations)
+            if error < best:
+                ratios[index], best = value, error
+        if log is not None:
+            log(f"compensation sweep {sweep + 1}: calibration objective {best:.4f}")
+        if best > start - 1e-3:
+            break
+    return ratios, best
+
+
 @torch.no_grad()
 def optimize_schedule(denoiser, solver: str, nfe: int, noise: torch.Tensor, *, cond: dict | None = None,
                       reference: torch.Tensor | None = None, reference_solver: str = "heun",
                       reference_steps: int = 100, initial_schedule: str = "auto",
                       initial_options: dict | None = None, solver_options: dict | None = None,
                       sweeps: int = 3, iterations: int = 6, margin: float = 0.05, objective: str = "psnr",
-                      penalty: float = 0.0, log: Callable[[str], None] | None = None) -> OptimizedSchedule:
+                      penalty: float = 0.0, compensation: bool = False, compensation_sweeps: int = 2,
+                      compensation_iterations: int = 6, compensation_width: float = 1.0,
+                      compensation_penalty: float = 0.2,
+                      log: Callable[[str], None] | None = None) -> OptimizedSchedule:
     """Chooses the noise levels that minimise a solver's error at an NFE budget.
 
     Args:
@@ -193,6 +228,12 @@ def optimize_schedule(denoiser, solver: str, nfe: int, noise: torch.Tensor, *, c
         objective: "psnr" (mean per-sample log MSE) or "mse" (pooled MSE).
         penalty: price of moving away from the starting walk: the error is multiplied by
             1 + penalty * sum of squared flow-time moves of the interior levels (0: none).
+        compensation: also calibrate one compensation ratio per step for the optimised walk
+            (samplers.compensation; stored in the result's `solver_options`).
+        compensation_sweeps: passes over the ratios (each halves the search bracket).
+        compensation_iterations: golden-section iterations per ratio and pass.
+        compensation_width: the first pass searches each ratio in [r - width/2, r + width/2].
+        compensation_penalty: the error is multiplied by 1 + this * sum of squared ratios.
         log: optional `log(message)` after each pass.
 
     Returns:
@@ -220,9 +261,17 @@ def optimize_schedule(denoiser, solver: str, nfe: int, noise: torch.Tensor, *, c
     search = _Objective(cached, spec, noise, reference, cond, solver_options or {}, objective, penalty, start_taus)
     initial_errors = search.errors(initial)
     sigmas, _ = _coordinate_descent(search, initial, search(initial, initial_errors), sweeps, iterations, margin, log)
+    options: dict = {}
+    if compensation:
+        search.ratio_penalty = compensation_penalty
+        ratios, _ = _search_ratios(search, sigmas, compensation_sweeps, compensation_iterations, compensation_width,
+                                   log)
+        options = {"compensation": ratios}
+        search.set_ratios(ratios)
     initial_error, error = float(initial_errors.mean()), float(search.errors(sigmas).mean())
     return OptimizedSchedule(sigmas=sigmas.tolist(), solver=solver, nfe=nfe, family=family, error=error,
+                             solver_options=options,
                              initial_error=initial_error, initial_schedule=initial_schedule,
                              reference={**made, "samples": int(noise.shape[0]), "evaluations": search.calls,
                                         "model_calls": cached.calls - cached.hits, "objective": objective,
-                                        "penalty": penalty})
+                                        "penalty": penalty, "compensation": compensation})

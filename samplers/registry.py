@@ -95,8 +95,18 @@ class SolverSpec:
                              f"use one of: {', '.join(fits)}")
 
     def make_steps(self, x: torch.Tensor, sigmas: torch.Tensor, schedule, **options) -> SolverSteps:
-        """The core generator bound to x, sigmas and the model's noise schedule."""
-        return self.steps(x, sigmas, schedule, **{**self.options, **options})
+        """The core generator bound to x, sigmas and the model's noise schedule.
+
+        The option `compensation` (one ratio per step) wraps any core in
+        `samplers.compensation.compensated_steps`; the rest go to the solver's core.
+        """
+        ratios = options.pop("compensation", None)
+        core = self.steps(x, sigmas, schedule, **{**self.options, **options})
+        if ratios is None:
+            return core
+        from samplers.compensation import check_ratios, compensated_steps
+
+        return compensated_steps(core, check_ratios(ratios, len(sigmas) - 1))
 
 
 @dataclass(frozen=True)

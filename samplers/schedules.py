@@ -172,6 +172,8 @@ class OptimizedSchedule:
         initial_error: the same for the schedule the search started from.
         initial_schedule: the name of that starting schedule.
         reference: how the reference was made ({"solver": ..., "steps": ...}).
+        solver_options: solver options calibrated with the walk, e.g. {"compensation": [...]}
+            (samplers.compensation); `samplers.sample` and AccelScheduler apply them with it.
     """
 
     sigmas: list[float]
@@ -182,6 +184,7 @@ class OptimizedSchedule:
     initial_error: float
     initial_schedule: str
     reference: dict = field(default_factory=dict)
+    solver_options: dict = field(default_factory=dict)
 
     @property
     def num_steps(self) -> int:
@@ -235,3 +238,10 @@ def get_sigmas_optimized(num_steps: int, schedule=None, *, path: str | Path, sol
         raise ValueError(f"{path} is a {stored.family} schedule but the model is {family}; "
                          "optimise a schedule for this model")
     return stored.tensor()
+
+
+def optimized_solver_options(schedule: str, options: dict | None) -> dict:
+    """The solver options stored with an optimised schedule file ({} for any other schedule)."""
+    if schedule != "optimized" or not options or "path" not in options:
+        return {}
+    return dict(OptimizedSchedule.load(options["path"]).solver_options)

@@ -42,6 +42,8 @@ class Calibration:
         reference_nfe: its model evaluations.
         objective: "psnr" (mean per-sample log MSE) or "mse" (pooled), see optimize_schedule.
         penalty: the price of moving away from the starting walk, see optimize_schedule.
+        compensation: also calibrate per-step compensation ratios (samplers.compensation, DC-Solver's
+            two-point form) for the optimised walk; they are saved in its file and applied with it.
     """
 
     seed: int = 7
@@ -52,6 +54,7 @@ class Calibration:
     reference_nfe: int = 60
     objective: str = "psnr"
     penalty: float = 2.0
+    compensation: bool = True
 
     def reference(self, subject: BenchModel) -> Reference:
         """The calibration reference of a model: our solver on the schedule of its benchmark reference."""
@@ -85,7 +88,7 @@ class Calibrator:
                 "calibration_seed": calibration.seed, "calibration_samples": calibration.samples,
                 "reference": calibration.reference(self.subject).describe(), "sweeps": calibration.sweeps,
                 "iterations": calibration.iterations, "objective": calibration.objective,
-                "penalty": calibration.penalty}
+                "penalty": calibration.penalty, "compensation": calibration.compensation}
 
     def existing(self, solver: str, nfe: int) -> Path | None:
         """The saved schedule's path if it fits these weights and settings, else None."""
@@ -147,7 +150,8 @@ class Calibrator:
         result = optimize_schedule(self.subject.denoiser, solver, nfe, noise, cond={"labels": labels},
                                    reference=reference, initial_schedule=start, initial_options=options,
                                    sweeps=calibration.sweeps, iterations=calibration.iterations,
-                                   objective=calibration.objective, penalty=calibration.penalty)
+                                   objective=calibration.objective, penalty=calibration.penalty,
+                                   compensation=calibration.compensation)
         result = dataclasses.replace(result, reference={**result.reference, "bench": self.provenance()})
         path = result.save(self.path(solver, nfe))
         self.log(f"{self.subject.name}: optimised {solver} at NFE {nfe} from {start} in "
