@@ -37,7 +37,7 @@ TRAINED_FOR_KEYS = ("accel.solver", "accel.steps", "accel.cache")
 GUIDANCE_MODES = ("none", "separate", "batched")
 
 __all__ = ["RunInfo", "ResolvedStack", "StackError", "RULES", "resolve", "read_trained_for",
-           "STEP_REUSE_MIN_STEPS", "CACHE_MIN_STEPS", "TRAINED_FOR_KEYS"]
+           "read_adapter_metadata", "STEP_REUSE_MIN_STEPS", "CACHE_MIN_STEPS", "TRAINED_FOR_KEYS"]
 
 
 @dataclass(frozen=True)
@@ -160,11 +160,16 @@ def read_trained_for(path: str | Path) -> dict[str, str]:
     Returns:
         The present keys of TRAINED_FOR_KEYS, without the "accel." prefix.
     """
+    metadata = read_adapter_metadata(path)
+    return {key.split(".", 1)[1]: str(metadata[key]) for key in TRAINED_FOR_KEYS if key in metadata}
+
+
+def read_adapter_metadata(path: str | Path) -> dict[str, str]:
+    """The whole safetensors header metadata of an adapter file (or of the one file in a folder)."""
     from safetensors import safe_open
 
     with safe_open(str(adapter_file(path)), framework="pt") as handle:
-        metadata = handle.metadata() or {}
-    return {key.split(".", 1)[1]: str(metadata[key]) for key in TRAINED_FOR_KEYS if key in metadata}
+        return dict(handle.metadata() or {})
 
 
 def adapter_file(path: str | Path) -> Path:

@@ -30,6 +30,7 @@ from accel.embedded.model import WEIGHTS_DIR
 from accel.execute import (Evaluator, add_speedups, build_inputs, load_embedded_model, measure_plan, measure_stack,
                            plan_from, reference_denoiser, reference_guidance)
 from accel.recipe import load_recipe
+from accel.resolve import read_adapter_metadata
 
 ADAPTERS_DIR = WEIGHTS_DIR / "adapters"
 DISTILLED = ["guidance.scale=1.0", "guidance.distilled=true"]
@@ -64,13 +65,8 @@ def _adapter(name: str) -> str:
 
 def _metadata(name: str) -> dict[str, str]:
     """The safetensors header of a shipped adapter ({} when absent)."""
-    from safetensors import safe_open
-
     path = ADAPTERS_DIR / name / "pytorch_lora_weights.safetensors"
-    if not path.is_file():
-        return {}
-    with safe_open(str(path), framework="pt") as handle:
-        return dict(handle.metadata() or {})
+    return read_adapter_metadata(path) if path.is_file() else {}
 
 
 def _guidance(name: str) -> tuple[str, ...]:
