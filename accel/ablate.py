@@ -58,6 +58,8 @@ def _label(overrides: dict) -> str:
         if isinstance(value, dict) and "preset" in value:
             params = ",".join(f"{k}={v}" for k, v in (value.get("params") or {}).items())
             value = "none" if value["preset"] is None else value["preset"] + (f"({params})" if params else "")
+        elif isinstance(value, dict) and "solver" in value:  # a whole sampler section
+            value = f"{value['solver']} {value.get('steps')} steps {value.get('schedule', 'flow')}"
         parts.append(f"{key.split('.')[-1]}={value}")
     return " ".join(parts)
 
