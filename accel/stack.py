@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import caching
@@ -23,6 +24,8 @@ from caching import BlockRangeScope, CacheConfig
 
 # Scope overrides a resolver rule may put on a preset, by name (recipes never name Python paths).
 SCOPE_OVERRIDES = {"blocks": BlockRangeScope}
+# The project folder (holding recipes/ and accel/): relative walk files in recipes are found here too.
+PROJECT_DIR = Path(__file__).resolve().parents[1]
 
 
 class StackError(ValueError):
@@ -44,6 +47,23 @@ def _plain(value: Any) -> Any:
 
 def _format_params(params: Mapping[str, Any]) -> str:
     return ", ".join(f"{k}={v}" for k, v in params.items())
+
+
+def _optimized_walk(path: Any) -> Path:
+    """An optimised schedule file: as given, or relative to the project folder (where shipped
+    recipes name the embedded models' walks), so a recipe runs from any working directory."""
+    if not path:
+        raise StackError("sampler.schedule_params.path: schedule optimized needs the JSON file of the walk "
+                         "(made by samplers.optimized.optimize_schedule or `accel bench samplers`)")
+    given = Path(str(path))
+    if given.is_file() or given.is_absolute():
+        found = given
+    else:
+        found = PROJECT_DIR / given
+    if not found.is_file():
+        raise StackError(f"sampler.schedule_params.path: no optimised schedule at {given}; make it with "
+                         "samplers.optimized.optimize_schedule(...).save(path) or `accel bench samplers`")
+    return found
 
 
 @dataclass(frozen=True)
@@ -76,6 +96,8 @@ class SamplerPlan:
             raise StackError(f"sampler.steps: {self.steps!r} must be an integer >= 1")
         object.__setattr__(self, "schedule_params", dict(_plain(self.schedule_params)))
         object.__setattr__(self, "solver_params", dict(_plain(self.solver_params)))
+        if self.schedule == "optimized":
+            self.schedule_params["path"] = str(_optimized_walk(self.schedule_params.get("path")))
 
     @property
     def spec(self) -> samplers.SolverSpec:

@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -231,3 +232,15 @@ def test_resolved_stack_is_saved_with_its_decisions(tmp_path):
     assert saved["stack"]["cache"]["params"] == {"warmup": 0.25, "update": "taylor", "order": 1}
     assert saved["cache_policy"]["update"]["kind"] == "taylor" and saved["run"]["num_steps"] == 8
     assert "  warmup-fraction: 0.25 -> 2 of 8 steps" in resolved.describe().splitlines()
+
+
+def test_optimized_walks_are_found_from_any_working_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    shipped = "accel/embedded/weights/flux-digits/schedules/unipc_bh2-nfe6.json"
+    plan = SamplerPlan("unipc_bh2", 6, "optimized", {"path": shipped})
+    path = Path(plan.schedule_params["path"])
+    assert path.is_absolute() and path.is_file() and str(path).endswith(shipped)
+    with pytest.raises(StackError, match="no optimised schedule at nowhere.json; make it with"):
+        SamplerPlan("unipc_bh2", 6, "optimized", {"path": "nowhere.json"})
+    with pytest.raises(StackError, match="schedule optimized needs the JSON file"):
+        SamplerPlan("unipc_bh2", 6, "optimized")
