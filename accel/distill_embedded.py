@@ -47,12 +47,12 @@ def teacher_trajectories(model: FluxDigits, folder: str | Path, *, count: int, s
                                device=next(model.transformer.parameters()).device)
 
 
-def install_stack_cache(model: FluxDigits, steps: int, solver: str, preset: str,
-                        params: dict[str, Any], guidance: float = 1.0) -> Callable[[], None]:
+def install_stack_cache(model: FluxDigits, steps: int, solver: str, preset: str, params: dict[str, Any],
+                        guidance: float = 1.0, uncond_interval: int = 1) -> Callable[[], None]:
     """Installs the cache exactly as `accel run` will for (solver, steps, preset, params) and the
     student's guidance (the resolver's rules included); returns its remover."""
     stack = Stack(SamplerPlan(solver, steps), CachePlan(preset, params), (),
-                  GuidancePlan(1.0, True) if guidance == 1.0 else GuidancePlan(guidance))
+                  GuidancePlan(1.0, True) if guidance == 1.0 else GuidancePlan(guidance, False, uncond_interval))
     from accel.native import run_info_for
 
     resolved = resolve(stack, run_info_for(model, stack))
@@ -75,7 +75,7 @@ def _lora_exporter(model: FluxDigits, metadata: dict[str, str]) -> Callable[[Pat
 def build_trajectory_objective(name: str, model: FluxDigits, teacher: Trajectories, *, rank: int,
                                config: TrajectoryConfig, cache: str | None = None,
                                cache_params: dict[str, Any] | None = None,
-                               guidance: float = 1.0) -> TrajectoryDistillation:
+                               guidance: float = 1.0, uncond_interval: int = 1) -> TrajectoryDistillation:
     """A step-distillation ("step-distill") or cache-aware ("cache-aware") LoRA objective.
 
     Args:
@@ -89,20 +89,29 @@ def build_trajectory_objective(name: str, model: FluxDigits, teacher: Trajectori
         guidance: the student's CFG scale: 1 distils guidance too (one cond pass per step, the
             adapter starts far from the teacher); > 1 keeps CFG with the adapter on both branches
             (the untrained student is the plain solver, so training starts from the baseline).
+        uncond_interval: > 1 trains with CFG's uncond branch computed every this many steps and
+            (uncond - cond) reused in between (samplers.cfg_model_fn), as it will run; recorded in
+            the adapter, so the resolver then requires guidance.uncond_interval to match.
     """
+    if uncond_interval > 1 and guidance == 1.0:
+        raise ValueError("objective.params.student_uncond_interval > 1 needs CFG in the student "
+                         "(student_guidance > 1): a guidance-distilled student has no uncond branch to reuse")
     for module in (model.transformer, model.conditioner):
         module.requires_grad_(False)
     add_lora(model.transformer, rank=rank)
     metadata = {"accel.solver": config.solver, "accel.steps": str(config.steps), "accel.cache": cache or "none",
                 "accel.method": name, "accel.guidance": "distilled" if guidance == 1.0 else f"{guidance:g}",
                 "accel.schedule": config.schedule}
+    if uncond_interval > 1:
+        metadata["accel.uncond_interval"] = str(uncond_interval)
     install = None
     if cache is not None:
         params = dict(cache_params or {})
         install = lambda: install_stack_cache(model, config.steps, config.solver, cache, params,  # noqa: E731
-                                              guidance)
+                                              guidance, uncond_interval)
         metadata["accel.cache_params"] = json.dumps(params, sort_keys=True)
-    return TrajectoryDistillation(name, model.transformer, flux_digits_denoiser(model, guidance), teacher, config,
+    return TrajectoryDistillation(name, model.transformer, flux_digits_denoiser(model, guidance, uncond_interval),
+                                  teacher, config,
                                   export=_lora_exporter(model, metadata), install_cache=install)
 
 
@@ -133,7 +142,8 @@ def build_router_objective(model: FluxDigits, teacher: Trajectories, *, config: 
 TEACHER_DEFAULTS = {"model": "flux-digits", "device": "cpu", "teacher_count": 512, "teacher_steps": 50,
                     "teacher_solver": "euler",
                     "guidance": 4.0, "teacher_batch": 64, "trajectories": "runs/teacher-trajectories"}
-LORA_DEFAULTS = {"rank": 16, "cache": None, "cache_params": {}, "student_guidance": 1.0}
+LORA_DEFAULTS = {"rank": 16, "cache": None, "cache_params": {}, "student_guidance": 1.0,
+                 "student_uncond_interval": 1}
 
 
 def _split(params: Mapping[str, Any], extra: dict[str, Any], config_type: type, what: str) -> tuple[dict, dict]:
@@ -168,7 +178,8 @@ def lora_objective_from_params(name: str, params: Mapping[str, Any], seed: int) 
     return build_trajectory_objective(name, model, teacher, rank=int(settings["rank"]),
                                       config=TrajectoryConfig(**{"seed": seed, **config}), cache=settings["cache"],
                                       cache_params=dict(settings["cache_params"] or {}),
-                                      guidance=float(settings["student_guidance"]))
+                                      guidance=float(settings["student_guidance"]),
+                                      uncond_interval=int(settings["student_uncond_interval"]))
 
 
 def router_objective_from_params(params: Mapping[str, Any], seed: int) -> RouterObjective:

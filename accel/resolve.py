@@ -33,7 +33,10 @@ STEP_REUSE_MIN_STEPS = 10
 # a quarter of the trajectory or more (few-step distilled models).
 CACHE_MIN_STEPS = 4
 # Safetensors metadata keys by which a distilled adapter names what it was trained for.
-TRAINED_FOR_KEYS = ("accel.solver", "accel.steps", "accel.cache")
+TRAINED_FOR_KEYS = ("accel.solver", "accel.steps", "accel.cache", "accel.uncond_interval")
+# The recipe key that sets each of them (for the fix in a refusal).
+TRAINED_FOR_RECIPE_KEYS = {"solver": "sampler.solver", "steps": "sampler.steps", "cache": "cache.preset",
+                           "uncond_interval": "guidance.uncond_interval"}
 GUIDANCE_MODES = ("none", "separate", "batched")
 
 __all__ = ["RunInfo", "ResolvedStack", "StackError", "RULES", "resolve", "read_trained_for",
@@ -187,10 +190,11 @@ def adapter_file(path: str | Path) -> Path:
 
 
 def adapters_trained_for(stack: Stack, run: RunInfo) -> Decision:
-    """An adapter that names the (solver, steps, cache) it was trained for runs only with those."""
+    """An adapter that names the (solver, steps, cache, uncond reuse) it was trained for runs only with those."""
     lines = []
     cache = stack.cache.preset if stack.cache is not None else "none"
-    actual = {"solver": stack.sampler.solver, "steps": str(run.num_steps), "cache": cache}
+    actual = {"solver": stack.sampler.solver, "steps": str(run.num_steps), "cache": cache,
+              "uncond_interval": str(stack.guidance.uncond_interval)}
     for adapter in stack.adapters:
         trained = read_trained_for(adapter.path)
         if not trained:
@@ -199,9 +203,9 @@ def adapters_trained_for(stack: Stack, run: RunInfo) -> Decision:
         mismatched = [k for k, v in trained.items() if actual[k] != v]
         if mismatched:
             have = ", ".join(f"{k}={actual[k]}" for k in trained)
-            raise StackError(f"adapter {adapter.path} was trained for {wanted}, but the sampler/cache give {have}; "
-                             f"set {', '.join(f'{k}={trained[k]}' for k in mismatched)} or use an adapter "
-                             "trained for this stack")
+            fix = ", ".join(f"{TRAINED_FOR_RECIPE_KEYS[k]}={trained[k]}" for k in mismatched)
+            raise StackError(f"adapter {adapter.path} was trained for {wanted}, but the stack gives {have}; "
+                             f"set {fix} or use an adapter trained for this stack")
         lines.append(f"adapter-trained-for: {adapter_file(adapter.path).name} trained for {wanted} -> matches")
     return stack, lines
 

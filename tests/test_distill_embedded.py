@@ -72,6 +72,21 @@ def test_cache_aware_objective_trains_through_the_cache(teacher):
         build_trajectory_objective("cache-aware", tiny_model(), teacher, rank=4, config=config, cache="teacache")
 
 
+def test_uncond_reuse_student_skips_the_uncond_branch_and_records_it(teacher, tmp_path):
+    model = tiny_model()
+    calls = []
+    model.transformer.register_forward_pre_hook(lambda module, args, kwargs: calls.append(1), with_kwargs=True)
+    config = TrajectoryConfig(steps=4, batch_size=2, loss="rollout")
+    objective = build_trajectory_objective("step-distill", model, teacher, rank=4, config=config, guidance=4.0,
+                                           uncond_interval=2)
+    objective.loss(0, 0).backward()
+    assert len(calls) == 4 + 2  # cond on every step, uncond on steps 0 and 2
+    path = objective.export(tmp_path)
+    assert read_trained_for(path) == {"solver": "euler", "steps": "4", "cache": "none", "uncond_interval": "2"}
+    with pytest.raises(ValueError, match="needs CFG in the student"):
+        build_trajectory_objective("step-distill", tiny_model(), teacher, rank=4, config=config, uncond_interval=2)
+
+
 def test_router_objective_moves_gates_and_exports_a_router(teacher, tmp_path):
     model = tiny_model()
     objective = build_router_objective(model, teacher, config=RouterConfig(batch_size=2, penalty=0.5))

@@ -170,12 +170,22 @@ def test_adapter_trained_for_another_stack_is_refused(tmp_path):
     path = _adapter(tmp_path, solver="dpmpp_2m", steps=4, cache="none")
     assert read_trained_for(path) == {"solver": "dpmpp_2m", "steps": "4", "cache": "none"}
     message = _refusal(_stack("dpmpp_2m", 8, "fora", adapters=(AdapterPlan(path),)))
-    assert message == (f"adapter {path} was trained for solver=dpmpp_2m, steps=4, cache=none, but the sampler/cache "
-                       "give solver=dpmpp_2m, steps=8, cache=fora; set steps=4, cache=none or use an adapter "
-                       "trained for this stack")
+    assert message == (f"adapter {path} was trained for solver=dpmpp_2m, steps=4, cache=none, but the stack "
+                       "gives solver=dpmpp_2m, steps=8, cache=fora; set sampler.steps=4, cache.preset=none or use an "
+                       "adapter trained for this stack")
     _, decisions = _run(_stack("dpmpp_2m", 4, adapters=(AdapterPlan(str(tmp_path)),)))
     assert "adapter-trained-for: lora.safetensors trained for solver=dpmpp_2m, steps=4, cache=none -> matches" \
         in decisions
+
+
+def test_adapter_trained_with_uncond_reuse_needs_it(tmp_path):
+    path = _adapter(tmp_path, solver="euler", steps=4, cache="none", uncond_interval=2)
+    message = _refusal(_stack("euler", 4, adapters=(AdapterPlan(path),), guidance=GuidancePlan(4.0)))
+    assert "but the stack gives solver=euler, steps=4, cache=none, uncond_interval=1" in message
+    assert "set guidance.uncond_interval=2 or use an adapter" in message
+    reuse = GuidancePlan(4.0, uncond_interval=2)
+    _, decisions = _run(_stack("euler", 4, adapters=(AdapterPlan(path),), guidance=reuse), guidance="separate")
+    assert any(d.startswith("adapter-trained-for:") and "uncond_interval=2 -> matches" in d for d in decisions)
 
 
 def test_adapters_fuse_before_the_cache_calibrates(tmp_path):

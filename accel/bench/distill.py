@@ -37,6 +37,8 @@ DISTILLED = ["guidance.scale=1.0", "guidance.distilled=true"]
 # The uncond branch computed every 2nd step, (uncond - cond) reused in between (FasterCache's CFG
 # reuse, samplers.cfg_model_fn): a cache over the guidance branch rather than over features.
 CFG_REUSE = "cfg-reuse"
+# Step-distillation adapters trained with CFG uncond reuse on (objective.params.student_uncond_interval).
+REUSE_TRAINED = ("step-4-cfg-reuse",)
 
 
 @dataclass(frozen=True)
@@ -87,6 +89,14 @@ def configurations(quick: bool) -> list[Config]:
         if _metadata(f"step-{steps}").get("accel.guidance", "distilled") != "distilled":
             out.append(Config(f"step LoRA {steps} + CFG reuse", (*step, "guidance.uncond_interval=2"),
                               cache=CFG_REUSE, adapter="step", needs=(f"step-{steps}",)))
+    for name in REUSE_TRAINED:  # students trained with the uncond branch reused, run as trained
+        meta = _metadata(name)
+        if meta:
+            steps, interval = int(meta["accel.steps"]), int(meta.get("accel.uncond_interval", "1"))
+            overrides = (f"sampler.solver={meta['accel.solver']}", f"sampler.steps={steps}", *_guidance(name),
+                         f"guidance.uncond_interval={interval}", _adapter(name))
+            out.append(Config(f"reuse-trained step LoRA {steps} + CFG reuse", overrides, cache=CFG_REUSE,
+                              adapter="step", needs=(name,)))
     aware = _cache_aware_spec()
     if aware is not None:
         steps, preset, params = aware
