@@ -18,8 +18,8 @@ if [ -z "${SKIP_CACHES:-}" ]; then
   timeout 150 $PY scripts/bench_caches_gpu.py --double 4 --single 8 --repeats 2 --json "$OUT/caches-gpu.json" 2>&1 \
     | grep -v "Cache-DiT" | tee "$OUT/caches-gpu.log"
 fi
-declare -A LIMIT=([step-distill-4]=220 [router]=80 [step-distill-8]=220 [cache-aware]=130)
-for recipe in ${RECIPES:-step-distill-4 router step-distill-8 cache-aware}; do
+declare -A LIMIT=([step-distill-4]=300 [step-distill-4-cfg-reuse]=300 [router]=80 [step-distill-8]=260 [cache-aware]=130)
+for recipe in ${RECIPES:-step-distill-4 step-distill-4-cfg-reuse router step-distill-8 cache-aware}; do
   start=$(date +%s)
   timeout "${LIMIT[$recipe]:-120}" $PY -m accel train "recipes/train/$recipe.yaml" objective.params.device=${DEVICE:-cuda} \
     ${TRAIN_OVERRIDES:-} > "$OUT/log-$recipe.txt" 2>&1
