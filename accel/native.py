@@ -11,7 +11,8 @@ from omegaconf import DictConfig
 
 import caching
 from accel.generate import SamplingPlan, generate, sample_noise
-from accel.resolve import ResolvedStack, RunInfo, adapter_file, resolve
+from accel.adapter_files import adapter_file
+from accel.resolve import ResolvedStack, RunInfo, resolve
 from accel.stack import Stack
 
 CALIBRATION_SEED_OFFSET = 7_777_777  # calibration noise never overlaps the measured seeds

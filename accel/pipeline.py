@@ -40,7 +40,8 @@ from caching.hooks import InstalledHook, install_hook, uninstall_hooks
 from samplers.diffusers_scheduler import AccelScheduler
 from step_context import current_step, guidance_branch
 
-from accel.resolve import ResolvedStack, RunInfo, adapter_file, resolve
+from accel.adapter_files import adapter_file
+from accel.resolve import ResolvedStack, RunInfo, resolve
 from accel.stack import Stack, StackError
 
 logger = logging.getLogger("accel")

@@ -23,6 +23,8 @@ import samplers
 from caching import RunSchedule
 from caching.config import CacheConfig
 
+from accel.adapter_files import (TRAINED_FOR_KEYS, TRAINED_FOR_RECIPE_KEYS, adapter_file, read_adapter_metadata,
+                                 read_trained_for)
 from accel.stack import CachePlan, Stack, StackError
 
 # Below this many steps a skipped step spans over a tenth of the trajectory: holding a whole step's
@@ -32,11 +34,6 @@ STEP_REUSE_MIN_STEPS = 10
 # Below this many steps no cache can pay off: warm-up alone takes a step, and a skipped step spans
 # a quarter of the trajectory or more (few-step distilled models).
 CACHE_MIN_STEPS = 4
-# Safetensors metadata keys by which a distilled adapter names what it was trained for.
-TRAINED_FOR_KEYS = ("accel.solver", "accel.steps", "accel.cache", "accel.uncond_interval")
-# The recipe key that sets each of them (for the fix in a refusal).
-TRAINED_FOR_RECIPE_KEYS = {"solver": "sampler.solver", "steps": "sampler.steps", "cache": "cache.preset",
-                           "uncond_interval": "guidance.uncond_interval"}
 GUIDANCE_MODES = ("none", "separate", "batched")
 
 __all__ = ["RunInfo", "ResolvedStack", "StackError", "RULES", "resolve", "read_trained_for",
@@ -152,41 +149,6 @@ def prediction_fits_solver(stack: Stack, run: RunInfo) -> Decision:
                          f"({run.prediction_type}, {run.family}): {str(error).splitlines()[0]}") from None
     return stack, [f"prediction: {run.prediction_type} ({run.family}) fits {sampler.solver} on schedule "
                    f"{sampler.schedule}; the scheduler converts it to x0"]
-
-
-def read_trained_for(path: str | Path) -> dict[str, str]:
-    """The (solver, steps, cache) an adapter file says it was trained for, from its metadata.
-
-    Args:
-        path: a .safetensors file, or a folder holding one.
-
-    Returns:
-        The present keys of TRAINED_FOR_KEYS, without the "accel." prefix.
-    """
-    metadata = read_adapter_metadata(path)
-    return {key.split(".", 1)[1]: str(metadata[key]) for key in TRAINED_FOR_KEYS if key in metadata}
-
-
-def read_adapter_metadata(path: str | Path) -> dict[str, str]:
-    """The whole safetensors header metadata of an adapter file (or of the one file in a folder)."""
-    from safetensors import safe_open
-
-    with safe_open(str(adapter_file(path)), framework="pt") as handle:
-        return dict(handle.metadata() or {})
-
-
-def adapter_file(path: str | Path) -> Path:
-    """The adapter's .safetensors file: `path` itself, or the one file in a folder."""
-    path = Path(path)
-    if path.is_file():
-        return path
-    if not path.is_dir():
-        raise StackError(f"adapter {str(path)!r}: not found; give a .safetensors file or a folder holding one")
-    files = sorted(path.glob("*.safetensors"))
-    preferred = [f for f in files if f.name == "pytorch_lora_weights.safetensors"]
-    if len(preferred) == 1 or len(files) == 1:
-        return (preferred or files)[0]
-    raise StackError(f"adapter {str(path)!r}: {len(files)} .safetensors files; name the file in the path")
 
 
 def adapters_trained_for(stack: Stack, run: RunInfo) -> Decision:

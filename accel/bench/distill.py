@@ -30,7 +30,7 @@ from accel.embedded.model import WEIGHTS_DIR
 from accel.execute import (Evaluator, add_speedups, build_inputs, load_embedded_model, measure_plan, measure_stack,
                            plan_from, reference_denoiser, reference_guidance)
 from accel.recipe import load_recipe
-from accel.resolve import read_adapter_metadata
+from accel.adapter_files import read_adapter_metadata
 
 ADAPTERS_DIR = WEIGHTS_DIR / "adapters"
 DISTILLED = ["guidance.scale=1.0", "guidance.distilled=true"]
@@ -71,9 +71,9 @@ def _metadata(name: str) -> dict[str, str]:
     return read_adapter_metadata(path) if path.is_file() else {}
 
 
-def _guidance(name: str) -> tuple[str, ...]:
+def _guidance(meta: dict[str, str]) -> tuple[str, ...]:
     """Overrides for the guidance an adapter was trained with (distilled: one cond pass a step)."""
-    trained = _metadata(name).get("accel.guidance", "distilled")
+    trained = meta.get("accel.guidance", "distilled")
     return tuple(DISTILLED) if trained == "distilled" else (f"guidance.scale={float(trained)}",)
 
 
@@ -83,27 +83,28 @@ def configurations(quick: bool) -> list[Config]:
     for steps in (4, 8):
         for solver in ("euler", "dpmpp_2m", "unipc_bh2"):
             out.append(Config(f"{solver} {steps}", (f"sampler.solver={solver}", f"sampler.steps={steps}")))
-        step = ("sampler.solver=euler", f"sampler.steps={steps}", *_guidance(f"step-{steps}"),
-                _adapter(f"step-{steps}"))
+        meta = _metadata(f"step-{steps}")
+        step = ("sampler.solver=euler", f"sampler.steps={steps}", *_guidance(meta), _adapter(f"step-{steps}"))
         out.append(Config(f"step LoRA {steps}", step, adapter="step", needs=(f"step-{steps}",)))
-        if _metadata(f"step-{steps}").get("accel.guidance", "distilled") != "distilled":
+        if meta.get("accel.guidance", "distilled") != "distilled":
             out.append(Config(f"step LoRA {steps} + CFG reuse", (*step, "guidance.uncond_interval=2"),
                               cache=CFG_REUSE, adapter="step", needs=(f"step-{steps}",)))
     for name in REUSE_TRAINED:  # students trained with the uncond branch reused, run as trained
         meta = _metadata(name)
         if meta:
             steps, interval = int(meta["accel.steps"]), int(meta.get("accel.uncond_interval", "1"))
-            overrides = (f"sampler.solver={meta['accel.solver']}", f"sampler.steps={steps}", *_guidance(name),
+            overrides = (f"sampler.solver={meta['accel.solver']}", f"sampler.steps={steps}", *_guidance(meta),
                          f"guidance.uncond_interval={interval}", _adapter(name))
             out.append(Config(f"reuse-trained step LoRA {steps} + CFG reuse", overrides, cache=CFG_REUSE,
                               adapter="step", needs=(name,)))
-    aware = _cache_aware_spec()
-    if aware is not None:
-        steps, preset, params = aware
+    aware = _metadata("cache-aware")
+    if aware:
+        steps, preset = int(aware["accel.steps"]), aware["accel.cache"]
+        params = json.loads(aware.get("accel.cache_params", "{}"))
         cache = (f"sampler.steps={steps}", "sampler.solver=euler", f"cache.preset={preset}",
                  "cache.params={" + ", ".join(f"{k}: {v}" for k, v in params.items()) + "}")
         out.append(Config(f"euler {steps} + {preset}", cache, cache=preset))
-        out.append(Config(f"cache-aware LoRA {steps} + {preset}", (*cache, *_guidance("cache-aware"),
+        out.append(Config(f"cache-aware LoRA {steps} + {preset}", (*cache, *_guidance(aware),
                                                                    _adapter("cache-aware")),
                           cache=preset, adapter="cache-aware", needs=("cache-aware",)))
     router = ADAPTERS_DIR / "router" / "router.safetensors"
@@ -112,14 +113,6 @@ def configurations(quick: bool) -> list[Config]:
             "sampler.steps=50", "cache.preset=router", f"cache.params={{path: {router}, threshold: {threshold}}}"),
             cache="router", adapter="router", needs=("router",)))
     return out
-
-
-def _cache_aware_spec() -> tuple[int, str, dict] | None:
-    """(steps, preset, params) the shipped cache-aware adapter was trained for, from its metadata."""
-    meta = _metadata("cache-aware")
-    if not meta:
-        return None
-    return int(meta["accel.steps"]), meta["accel.cache"], json.loads(meta.get("accel.cache_params", "{}"))
 
 
 def fingerprint(quick: bool) -> str:
