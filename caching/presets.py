@@ -4,7 +4,9 @@
 Every preset also takes the common parameters: `warmup`, `cooldown`, `max_cached` (fractions of
 the trajectory), `count_flops`, `full_branches` (guidance branches never cached) and the update
 rule: `update` ("reuse", "taylor", "foca") with `order` (taylor), `calibration` (foca) and `axis`
-("step" or "sigma").
+("step" or "sigma"). Presets driven by a static interval also take `steps`: the computed steps as
+trajectory fractions (e.g. a schedule calibrated by `caching.search_compute_steps`) instead of
+every `interval`-th one.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ class Preset:
 
 COMMON_DEFAULTS: dict[str, Any] = {"warmup": 0.0, "cooldown": 0.0, "max_cached": None, "count_flops": True,
                                    "update": "reuse", "order": 2, "calibration": 1.0, "axis": "step",
-                                   "full_branches": ()}
+                                   "full_branches": (), "steps": None}
 
 PRESETS: dict[str, Preset] = {}
 
@@ -171,6 +173,11 @@ def get_preset(name: str, **params: Any) -> CacheConfig:
                          f"{', '.join(sorted(allowed))}")
     values = {**allowed, **params}
     trigger, scope = preset.build(values)
+    if values["steps"] is not None:
+        if not isinstance(trigger, IntervalTrigger):
+            raise ValueError(f"preset {name!r} is not driven by a static interval, so it takes no `steps`; "
+                             "give steps to fora, deltadit, deepcache, pab, toca, taylorseer or foca")
+        trigger = IntervalTrigger(trigger.interval, steps=tuple(values["steps"]))
     return CacheConfig(trigger=trigger, scope=scope, update=_update(values), warmup=values["warmup"],
                        cooldown=values["cooldown"], max_cached=values["max_cached"],
                        count_flops=values["count_flops"], name=name, full_branches=tuple(values["full_branches"]))

@@ -31,7 +31,8 @@ def _settings(folder) -> Settings:
 
 
 def _variants() -> list[Variant]:
-    out = [Variant("accel", "fbcache", {"threshold": 0.2})]
+    out = [Variant("accel", "fbcache", {"threshold": 0.2}),
+           Variant("accel", "taylorseer", {"steps": "calibrated 3", "warmup": 0.0}, calibrate="steps")]
     if cache_dit_available():
         out.append(Variant("cache-dit", "DBCache F1B0", {"Fn": 1, "Bn": 0, "threshold": 0.2, "taylorseer": False}))
     else:
@@ -43,7 +44,9 @@ def test_bench_caches_records_and_resume(tiny_model_dir, tmp_path, capsys):
     torch.manual_seed(0)
     records = caches.run(True, tmp_path / "out.json", tmp_path / "bench", settings=_settings(tiny_model_dir),
                          variant_list=_variants())
-    assert len(records) == 3
+    assert len(records) == 4
+    calibrated = next(r for r in records if r["params"].get("steps") == "calibrated 3")
+    assert 3.0 < calibrated["flops_speedup"] < 4.0  # 3 of 12 steps computed per branch, plus embedders
     for record in records:
         assert set(FIELDS) <= set(record)
         assert record["origin"] in ("accel", "cache-dit", "diffusers")

@@ -176,3 +176,62 @@ def test_rewound_step_index_resets_the_cache(toy, caplog):
                 toy(**shift_inputs(1)[0])
     assert [c.computed for c in handle.stats.last_run().calls] == [True, False, False, True, False]
     assert any("went back" in r.message for r in caplog.records)
+
+
+def test_listed_steps_are_computed_as_trajectory_fractions(toy):
+    config = CacheConfig(IntervalTrigger(steps=(0.0, 0.25, 0.5)), ResidualScope())
+    assert computed(toy, config, shift_inputs(8)).steps_computed() == [0, 2, 4]
+    assert computed(toy, config, shift_inputs(16)).steps_computed() == [0, 4, 8]
+    preset = get_preset("taylorseer", steps=[0.0, 0.5], warmup=0.0)
+    assert computed(toy, preset, shift_inputs(10)).steps_computed() == [0, 5]
+
+
+def test_interval_steps_match_the_preset_they_describe(toy):
+    from caching import interval_steps
+
+    run = computed(toy, get_preset("taylorseer", interval=6), shift_inputs(50))  # warm-up 0.06 -> 3 steps
+    assert tuple(run.steps_computed()) == interval_steps(6, 50, warmup_steps=3)
+    assert interval_steps(3, 9) == (0, 3, 6)
+
+
+def test_bad_step_lists_are_refused():
+    with pytest.raises(ValueError, match="increasing trajectory fractions"):
+        IntervalTrigger(steps=(0.5, 0.2))
+    with pytest.raises(ValueError, match="increasing trajectory fractions"):
+        IntervalTrigger(steps=(0.0, 1.0))
+    with pytest.raises(ValueError, match="takes no `steps`"):
+        get_preset("teacache", steps=[0.0])
+
+
+def test_compute_schedule_search_finds_the_step_where_features_jump(toy):
+    from caching import search_compute_steps
+
+    temb = [0.0] * 6 + [1.0] * 4  # the residual changes once, at step 6
+    inputs = [dict(hidden_states=torch.zeros(1, 3, 4), temb=torch.tensor([t])) for t in temb]
+
+    def run_fn():
+        return torch.stack(drive(toy, inputs))
+
+    reference = run_fn()
+    found = search_compute_steps(toy, lambda steps: CacheConfig(IntervalTrigger(steps=steps), ResidualScope()),
+                                 run_fn, reference, initial_steps=[0, 3], num_steps=10)
+    assert found.steps == (0, 6) and found.fractions() == (0.0, 0.6)
+    assert found.objective < found.initial_objective - 10 and found.trials >= 8
+    assert torch.equal(run_fn(), reference)  # the search leaves the model bare
+
+
+def test_documented_preset_defaults_are_the_code_defaults():
+    import re
+    from pathlib import Path
+
+    from caching import PRESETS, preset_parameters
+
+    rows = {}
+    for line in (Path(__file__).parents[1] / "docs" / "caching.md").read_text().splitlines():
+        match = re.match(r"\| `(\w+)` \|.*\| ([^|]*) \|$", line)
+        if match and match.group(1) in PRESETS:
+            rows[match.group(1)] = match.group(2)
+    assert set(rows) == set(PRESETS)
+    for name, text in rows.items():
+        for key, value in re.findall(r"(\w+)=([-0-9.]+)", text):
+            assert preset_parameters(name)[key] == pytest.approx(float(value)), (name, key)

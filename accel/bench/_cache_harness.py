@@ -132,23 +132,26 @@ class Bench:
         return generate(denoiser, SamplingPlan("euler", steps), self.noise[:count], self.labels[:count],
                         count, before_generation=lambda: adapter.before_generation(steps))
 
-    def calibration_run(self, adapter: Adapter) -> None:
-        """One full-step generation on the calibration seeds (never the evaluated ones)."""
+    def calibration_run(self, adapter: Adapter) -> torch.Tensor:
+        """One full-step generation on the calibration seeds (never the evaluated ones); its images."""
         s = self.settings
         labels = torch.tensor(s.classes).repeat(s.calibration_samples // len(s.classes) + 1)
         labels = labels[:s.calibration_samples]
         noise = sample_noise(s.calibration_seed, range(len(labels)), (1, 16, 16))
         denoiser = flux_digits_denoiser(_Wrapped(self.model, adapter), s.guidance)
-        generate(denoiser, SamplingPlan("euler", s.reference_steps), noise, labels, len(labels),
-                 before_generation=lambda: adapter.before_generation(s.reference_steps))
+        return generate(denoiser, SamplingPlan("euler", s.reference_steps), noise, labels, len(labels),
+                        before_generation=lambda: adapter.before_generation(s.reference_steps))
 
-    def calibration(self, kind: str | None) -> dict:
-        """Calibrated parameters for a variant (computed once per run and kind)."""
+    def calibration(self, variant: Variant) -> dict:
+        """Calibrated parameters for a variant (computed once per run and kind; a compute-step
+        placement once per variant)."""
+        kind = variant.calibrate
         if kind is None:
             return {}
-        if kind not in self.calibrations:
-            self.calibrations[kind] = self._calibrate(kind)
-        return self.calibrations[kind]
+        key = variant.key if kind == "steps" else kind
+        if key not in self.calibrations:
+            self.calibrations[key] = self._search_steps(variant) if kind == "steps" else self._calibrate(kind)
+        return self.calibrations[key]
 
     def _calibrate(self, kind: str) -> dict:
         from caching import calibrate_magcache, calibrate_teacache
@@ -163,6 +166,25 @@ class Bench:
             return {"mag_ratios": diffusers_mag_ratios(transformer, self.calibration_run,
                                                        self.settings.reference_steps)}
         raise ValueError(f"unknown calibration {kind!r}")
+
+    def _search_steps(self, variant: Variant) -> dict:
+        """For `steps="calibrated K"`: K computed steps of the variant's preset (its other
+        parameters fixed) placed by `caching.search_compute_steps` on the calibration seeds,
+        starting from an even spread; {"steps": fractions}."""
+        from caching import get_preset, search_compute_steps
+        method, fixed = variant.method, {k: v for k, v in variant.params.items() if k != "steps"}
+        budget = int(str(variant.params["steps"]).split()[-1])
+        steps = self.settings.reference_steps
+        bare = Adapter()
+        reference = self.calibration_run(bare)
+        initial = sorted({round(i * steps / budget) for i in range(budget)})
+        found = search_compute_steps(self.model.transformer,
+                                     lambda fractions: get_preset(method, **fixed, steps=fractions),
+                                     lambda: self.calibration_run(bare), reference, initial, steps,
+                                     log=lambda line: print(f"{method} ({budget} steps): {line}"))
+        print(f"{method}: {budget} computed steps placed at {list(found.steps)} on the calibration seeds "
+              f"(log MSE {found.initial_objective:.2f} -> {found.objective:.2f}, {found.trials} runs)")
+        return {"steps": list(found.fractions())}
 
     def pace(self) -> float:
         """Seconds of a short bare generation of the timed batch: the machine's current speed.
@@ -181,7 +203,7 @@ class Bench:
 
     def _run(self, variant: Variant, steps: int) -> tuple[torch.Tensor, int, float, dict]:
         """Applies the variant, generates under the FLOP counter, times the batch, removes it."""
-        adapter = make_adapter(variant, self.calibration(variant.calibrate))
+        adapter = make_adapter(variant, self.calibration(variant))
         adapter.apply(self.model.transformer, steps)
         try:
             images, flops = measure.count_flops(lambda: self.generate(adapter, steps))
@@ -190,7 +212,10 @@ class Bench:
             wall = measure.time_median(lambda: self.generate(adapter, steps, batch),
                                        repeats=self.settings.timing_repeats,
                                        warmup=0 if batch == len(self.labels) else 1)
-            return images, flops, wall, _accel_stats(adapter)
+            extra = _accel_stats(adapter)
+            if variant.calibrate == "steps":  # the searched placement, as trajectory fractions
+                extra["calibrated_steps"] = self.calibration(variant)["steps"]
+            return images, flops, wall, extra
         finally:
             adapter.remove(self.model.transformer)
 
@@ -198,7 +223,7 @@ class Bench:
         """Runs one configuration: counted generation, timing, removal check, quality."""
         started = time.perf_counter()
         steps = variant.steps or self.settings.reference_steps
-        self.calibration(variant.calibrate)
+        self.calibration(variant)
         before = self._last_pace if self._last_pace is not None else self.pace()
         images, flops, wall, extra = self._run(variant, steps)
         restored = self.is_bare()

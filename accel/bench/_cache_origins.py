@@ -45,7 +45,8 @@ class Variant:
         steps: solver steps of the generation (None: the reference's, as for every cache; fewer
             for the step baselines).
         calibrate: what the adapter needs calibrated first ("teacache", "magcache",
-            "diffusers-magcache") or None.
+            "diffusers-magcache", or "steps": a placement of the K computed steps of
+            params["steps"] = "calibrated K") or None.
     """
 
     origin: str

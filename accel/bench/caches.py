@@ -50,7 +50,11 @@ OURS = [
     ("dbcache", "threshold", (0.2,), (0.08, 0.12, 0.16, 0.2, 0.3), {}),
     ("pab", "interval", (4,), (2, 3, 4), {}),
     ("toca", "interval", (4,), (2, 3, 4, 5), {}),
-    ("taylorseer", "interval", (6, 8, 10), (4, 5, 6, 7, 8, 9, 10, 12), {}),
+    ("taylorseer", "interval", (4, 6, 8, 10), (4, 5, 6, 7, 8, 9, 10, 12), {}),
+    ("taylorseer", "steps", ("calibrated 7", "calibrated 8", "calibrated 9"),
+     tuple(f"calibrated {k}" for k in (5, 6, 7, 8, 9, 10, 12, 14)), {"warmup": 0.0}),
+    ("taylorseer", "steps", ("calibrated 8",), ("calibrated 6", "calibrated 8", "calibrated 10"),
+     {"warmup": 0.0, "order": 2}),
     ("foca", "interval", (3, 4), (2, 3, 4, 5), {}),
     ("budget", "threshold", (0.3,), (0.1, 0.15, 0.2, 0.3, 0.4), {}),
 ]
@@ -83,7 +87,7 @@ def variants(quick: bool) -> list[Variant]:
     pick = 0 if quick else 1
     out = [Variant("accel", "euler-steps", {"steps": n}, steps=n) for n in EULER_STEPS[pick]]
     for method, name, *values, fixed in OURS:
-        out += [Variant("accel", method, {name: v, **fixed}, calibrate=CALIBRATED.get(method))
+        out += [Variant("accel", method, {name: v, **fixed}, calibrate=_calibration_of(method, name, v))
                 for v in values[pick]]
     for fn_blocks, *thresholds in CACHE_DIT:
         for taylorseer in (False, True):
@@ -95,6 +99,12 @@ def variants(quick: bool) -> list[Variant]:
                         calibrate="diffusers-magcache" if method == "MagCache" else None)
                 for v in values[pick]]
     return out
+
+
+def _calibration_of(method: str, name: str, value) -> str | None:
+    """What a variant needs calibrated: TeaCache / MagCache fits, or for `steps="calibrated K"` a
+    placement of K computed steps (caching.search_compute_steps) on the calibration seeds."""
+    return "steps" if name == "steps" else CALIBRATED.get(method)
 
 
 def _runnable(variant: Variant) -> bool:

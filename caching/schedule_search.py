@@ -1,0 +1,115 @@
+"""A calibrated compute schedule: which steps a static cache computes, chosen on calibration samples.
+
+A static policy (FORA, TaylorSeer, FoCa) computes every N-th step. Features do not change at one
+pace along a trajectory, though: they move fastest in the first steps and in the last ones, so
+with the same number of computed steps a non-uniform placement forecasts better. This searches
+the placement, as `samplers.optimized` searches a solver's noise levels: coordinate descent
+moves each computed step (but the first, which every cache must compute) to every free step
+between its neighbours and keeps a move only when it lowers the error of the cached run against
+the full-compute run of the same calibration samples. The budget (how many steps are computed)
+never changes, so neither do the FLOPs. The result is a tuple of trajectory fractions for
+`IntervalTrigger(steps=...)` (preset parameter `steps`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+
+from .apply import apply_cache, remove_cache
+from .config import CacheConfig
+
+
+@dataclass(frozen=True)
+class ComputeSchedule:
+    """The computed steps of a run of `num_steps` steps, found by `search_compute_steps`.
+
+    Attributes:
+        steps: computed step indices, increasing, starting at 0.
+        num_steps: the run length they were searched for.
+        objective: mean per-sample log MSE of the cached run against the full-compute run.
+        initial_objective: the same for the starting placement.
+        trials: cached runs evaluated.
+    """
+
+    steps: tuple[int, ...]
+    num_steps: int
+    objective: float
+    initial_objective: float
+    trials: int
+
+    def fractions(self) -> tuple[float, ...]:
+        """The steps as trajectory fractions (`IntervalTrigger.steps`); exact for `num_steps`."""
+        return tuple(step / self.num_steps for step in self.steps)
+
+
+def interval_steps(interval: int, num_steps: int, warmup_steps: int = 0) -> tuple[int, ...]:
+    """The steps a static interval computes after `warmup_steps` always-computed ones."""
+    steps = list(range(min(warmup_steps, num_steps)))
+    next_step = warmup_steps if warmup_steps == 0 else warmup_steps - 1 + interval
+    while next_step < num_steps:
+        steps.append(next_step)
+        next_step += interval
+    return tuple(sorted(set(steps) | {0}))
+
+
+def _log_error(images: torch.Tensor, reference: torch.Tensor) -> float:
+    errors = (images.double() - reference.double()).pow(2).flatten(1).mean(1)
+    return float(errors.clamp_min(1e-20).log().mean())
+
+
+@torch.no_grad()
+def search_compute_steps(model: torch.nn.Module, config_for: Callable[[tuple[float, ...]], CacheConfig],
+                         run_fn: Callable[[], torch.Tensor], reference: torch.Tensor,
+                         initial_steps: Sequence[int], num_steps: int, *, sweeps: int = 2,
+                         log: Callable[[str], None] | None = None) -> ComputeSchedule:
+    """Moves each computed step between its neighbours to minimise the cached run's error.
+
+    Args:
+        model: the module the cache is applied to (a bare one: no cache installed).
+        config_for: `config_for(fractions)` -> the CacheConfig computing exactly those steps
+            (warm-up and cool-down 0, so that only the placement decides).
+        run_fn: generates the calibration samples (N, ...) with the step context published, for a
+            run of `num_steps` steps.
+        reference: (N, ...) the same samples without a cache.
+        initial_steps: the starting placement (step 0 is added); its length is the budget.
+        num_steps: steps of the run.
+        sweeps: passes over the computed steps (stops early when a pass gains < 1e-3 in the log).
+        log: optional `log(message)` after each pass.
+
+    Returns:
+        The ComputeSchedule.
+    """
+    steps = sorted(set(initial_steps) | {0})
+    if steps[-1] >= num_steps:
+        raise ValueError(f"initial_steps {list(initial_steps)} reach past a run of {num_steps} steps")
+    trials = 0
+
+    def error_of(candidate: list[int]) -> float:
+        nonlocal trials
+        trials += 1
+        apply_cache(model, config_for(tuple(s / num_steps for s in candidate)))
+        try:
+            return _log_error(run_fn(), reference)
+        finally:
+            remove_cache(model)
+
+    best = initial = error_of(steps)
+    for sweep in range(sweeps):
+        start = best
+        for index in range(1, len(steps)):
+            upper = steps[index + 1] if index + 1 < len(steps) else num_steps
+            for position in range(steps[index - 1] + 1, upper):
+                if position == steps[index]:
+                    continue
+                candidate = steps[:index] + [position] + steps[index + 1:]
+                error = error_of(candidate)
+                if error < best:
+                    steps, best = candidate, error
+        if log is not None:
+            log(f"compute-schedule sweep {sweep + 1}: log MSE {best:.4f} (start {initial:.4f}), steps {steps}")
+        if best > start - 1e-3:
+            break
+    return ComputeSchedule(tuple(steps), num_steps, best, initial, trials)
