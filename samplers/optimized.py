@@ -107,8 +107,7 @@ class _Objective:
 
     def __call__(self, sigmas: torch.Tensor, errors: torch.Tensor | None = None) -> float:
         errors = self.errors(sigmas) if errors is None else errors
-        value = (float(errors.clamp_min(1e-20).log().mean()) if self.kind == "psnr"
-                 else math.log(float(errors.mean())))
+        value = unpenalized(errors, self.kind)
         if self.penalty:
             taus = [level(self.denoiser.schedule, float(s)).tau for s in sigmas[1:-1]]
             value += math.log1p(self.penalty * sum((t - t0) ** 2 for t, t0 in zip(taus, self.start_taus)))
@@ -268,10 +267,21 @@ def optimize_schedule(denoiser, solver: str, nfe: int, noise: torch.Tensor, *, c
                                    log)
         options = {"compensation": ratios}
         search.set_ratios(ratios)
-    initial_error, error = float(initial_errors.mean()), float(search.errors(sigmas).mean())
+    final_errors = search.errors(sigmas)
+    initial_error, error = float(initial_errors.mean()), float(final_errors.mean())
     return OptimizedSchedule(sigmas=sigmas.tolist(), solver=solver, nfe=nfe, family=family, error=error,
                              solver_options=options,
                              initial_error=initial_error, initial_schedule=initial_schedule,
                              reference={**made, "samples": int(noise.shape[0]), "evaluations": search.calls,
                                         "model_calls": cached.calls - cached.hits, "objective": objective,
+                                        "objective_value": unpenalized(final_errors, objective),
                                         "penalty": penalty, "compensation": compensation})
+
+
+def unpenalized(errors: torch.Tensor, kind: str) -> float:
+    """The calibration objective of per-sample MSEs (B,) without the walk's penalties (lower is
+    better): mean log MSE ("psnr") or log pooled MSE ("mse"), so walks searched from different
+    starts compare on one scale."""
+    if kind == "psnr":
+        return float(errors.clamp_min(1e-20).log().mean())
+    return math.log(float(errors.mean()))

@@ -86,3 +86,18 @@ def test_target_check_needs_margin_and_lower_fd():
     assert met["met"] and met["margin_db"] == pytest.approx(1.6)
     missed, = check_targets([rec("accel", 30.0, 3.0), rec("diffusers", 28.0, 2.0)])
     assert not missed["met"]
+
+
+def test_calibrator_searches_from_every_start_and_keeps_the_best(flow, tmp_path):
+    from accel.bench._samplers_optimized import Calibrator
+    from samplers.schedules import OptimizedSchedule
+
+    flow.weights_dir = tmp_path
+    calibrator = Calibrator(flow, Calibration(samples=2, sweeps=1, iterations=1, reference_nfe=6),
+                            log=lambda message: None)
+    saved = OptimizedSchedule.load(calibrator.get("euler", 4))
+    starts = saved.reference["starts"]
+    assert set(starts) == set(flow.schedules)
+    assert saved.initial_schedule == min(starts, key=starts.get)
+    assert saved.reference["objective_value"] == pytest.approx(min(starts.values()), abs=1e-6)
+    assert calibrator.existing("euler", 4) is not None

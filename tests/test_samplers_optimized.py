@@ -69,8 +69,10 @@ def test_both_objectives_improve_their_own_measure(objective):
     before, after = per_sample(samplers.make_sigmas("flow", 4, denoiser.schedule).tolist()), per_sample(found.sigmas)
     if objective == "psnr":
         assert after.log().mean() < before.log().mean() - 0.1
+        assert found.reference["objective_value"] == pytest.approx(float(after.log().mean()), rel=1e-9)
     else:
         assert after.mean() < 0.9 * before.mean()
+        assert found.reference["objective_value"] == pytest.approx(float(after.mean().log()), rel=1e-9)
 
 
 def test_bad_search_settings_are_refused():
