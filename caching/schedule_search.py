@@ -45,16 +45,6 @@ class ComputeSchedule:
         return tuple(step / self.num_steps for step in self.steps)
 
 
-def interval_steps(interval: int, num_steps: int, warmup_steps: int = 0) -> tuple[int, ...]:
-    """The steps a static interval computes after `warmup_steps` always-computed ones."""
-    steps = list(range(min(warmup_steps, num_steps)))
-    next_step = warmup_steps if warmup_steps == 0 else warmup_steps - 1 + interval
-    while next_step < num_steps:
-        steps.append(next_step)
-        next_step += interval
-    return tuple(sorted(set(steps) | {0}))
-
-
 def _log_error(images: torch.Tensor, reference: torch.Tensor) -> float:
     errors = (images.double() - reference.double()).pow(2).flatten(1).mean(1)
     return float(errors.clamp_min(1e-20).log().mean())

@@ -186,14 +186,6 @@ def test_listed_steps_are_computed_as_trajectory_fractions(toy):
     assert computed(toy, preset, shift_inputs(10)).steps_computed() == [0, 5]
 
 
-def test_interval_steps_match_the_preset_they_describe(toy):
-    from caching import interval_steps
-
-    run = computed(toy, get_preset("taylorseer", interval=6), shift_inputs(50))  # warm-up 0.06 -> 3 steps
-    assert tuple(run.steps_computed()) == interval_steps(6, 50, warmup_steps=3)
-    assert interval_steps(3, 9) == (0, 3, 6)
-
-
 def test_bad_step_lists_are_refused():
     with pytest.raises(ValueError, match="increasing trajectory fractions"):
         IntervalTrigger(steps=(0.5, 0.2))

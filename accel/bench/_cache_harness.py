@@ -203,7 +203,8 @@ class Bench:
 
     def _run(self, variant: Variant, steps: int) -> tuple[torch.Tensor, int, float, dict]:
         """Applies the variant, generates under the FLOP counter, times the batch, removes it."""
-        adapter = make_adapter(variant, self.calibration(variant))
+        calibration = self.calibration(variant)
+        adapter = make_adapter(variant, calibration)
         adapter.apply(self.model.transformer, steps)
         try:
             images, flops = measure.count_flops(lambda: self.generate(adapter, steps))
@@ -214,7 +215,7 @@ class Bench:
                                        warmup=0 if batch == len(self.labels) else 1)
             extra = _accel_stats(adapter)
             if variant.calibrate == "steps":  # the searched placement, as trajectory fractions
-                extra["calibrated_steps"] = self.calibration(variant)["steps"]
+                extra["calibrated_steps"] = calibration["steps"]
             return images, flops, wall, extra
         finally:
             adapter.remove(self.model.transformer)

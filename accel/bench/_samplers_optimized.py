@@ -6,8 +6,9 @@ named schedules of the model's family in turn and keeps the walk with the best c
 objective: the mean PSNR (mean per-sample log MSE) against a fine-step reference of the calibration
 samples, each search with a price on moving away from its start. (Starting only from the schedule
 that was best before the search lost 1-2 dB on the UNet: at NFE 6 the log-SNR walk ranked first on
-20 calibration samples, yet the searches from uniform timesteps and Karras ended 2 dB better.) The calibration reference is cheaper than the benchmark's 200-step Heun: UniPC-bh2 at 60
-NFE on the same schedule, which agrees with it to 51 dB (flow) and 55 dB (UNet), far above the 25-40
+20 calibration samples, yet the searches from uniform timesteps and Karras ended 2 dB better.)
+The calibration reference is cheaper than the benchmark's 200-step Heun: UniPC-bh2 at 60 NFE on the
+same schedule, which agrees with it to 51 dB (flow) and 55 dB (UNet), far above the 25-40
 dB the calibrated walks reach. A saved file is reused only if it was made for the same weights
 (fingerprint), guidance scale and calibration settings; otherwise it is recalibrated.
 """

@@ -87,7 +87,7 @@ def variants(quick: bool) -> list[Variant]:
     pick = 0 if quick else 1
     out = [Variant("accel", "euler-steps", {"steps": n}, steps=n) for n in EULER_STEPS[pick]]
     for method, name, *values, fixed in OURS:
-        out += [Variant("accel", method, {name: v, **fixed}, calibrate=_calibration_of(method, name, v))
+        out += [Variant("accel", method, {name: v, **fixed}, calibrate=_calibration_of(method, name))
                 for v in values[pick]]
     for fn_blocks, *thresholds in CACHE_DIT:
         for taylorseer in (False, True):
@@ -101,7 +101,7 @@ def variants(quick: bool) -> list[Variant]:
     return out
 
 
-def _calibration_of(method: str, name: str, value) -> str | None:
+def _calibration_of(method: str, name: str) -> str | None:
     """What a variant needs calibrated: TeaCache / MagCache fits, or for `steps="calibrated K"` a
     placement of K computed steps (caching.search_compute_steps) on the calibration seeds."""
     return "steps" if name == "steps" else CALIBRATED.get(method)
