@@ -19,7 +19,7 @@ from .layouts import (BlockLayout, ModelLayout, get_model_layout, register_block
 from .presets import PRESETS, get_preset, list_presets, preset_parameters
 from .router import (RouterSpec, apply_router, load_router, router_block_names, router_config,
                      save_router)
-from .schedule_search import ComputeSchedule, search_compute_steps
+from .schedule_search import ComputeSchedule, ForecastGains, search_compute_steps, search_forecast_gains
 from .scopes import (AttentionScope, BlockRangeScope, DeepBranchScope, ResidualScope, RouterScope,
                      SingleBlocksScope, TokenScope)
 from .stats import CacheStats, RunStats
@@ -37,6 +37,6 @@ __all__ = [
     "load_router",
     "ReuseUpdate", "TaylorUpdate", "FoCaUpdate",
     "calibrate_teacache", "calibrate_magcache", "fit_teacache_polynomial", "TeaCacheCalibration",
-    "MagCacheCalibration", "ComputeSchedule", "search_compute_steps",
+    "MagCacheCalibration", "ComputeSchedule", "search_compute_steps", "ForecastGains", "search_forecast_gains",
     "BlockLayout", "ModelLayout", "register_model_layout", "register_block_layout", "get_model_layout",
 ]

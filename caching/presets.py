@@ -3,8 +3,9 @@
 `get_preset(name, **params)` returns a CacheConfig; `params` override the preset's defaults.
 Every preset also takes the common parameters: `warmup`, `cooldown`, `max_cached` (fractions of
 the trajectory), `count_flops`, `full_branches` (guidance branches never cached) and the update
-rule: `update` ("reuse", "taylor", "foca") with `order` (taylor), `calibration` (foca) and `axis`
-("step" or "sigma"). Presets driven by a static interval also take `steps`: the computed steps as
+rule: `update` ("reuse", "taylor", "foca") with `order` and `gains` (taylor: calibrated per-segment
+multipliers of the derivative terms, e.g. from `caching.search_forecast_gains`), `calibration`
+(foca) and `axis` ("step" or "sigma"). Presets driven by a static interval also take `steps`: the computed steps as
 trajectory fractions (e.g. a schedule calibrated by `caching.search_compute_steps`) instead of
 every `interval`-th one.
 """
@@ -45,7 +46,7 @@ class Preset:
 
 COMMON_DEFAULTS: dict[str, Any] = {"warmup": 0.0, "cooldown": 0.0, "max_cached": None, "count_flops": True,
                                    "update": "reuse", "order": 2, "calibration": 1.0, "axis": "step",
-                                   "full_branches": (), "steps": None}
+                                   "full_branches": (), "steps": None, "gains": None}
 
 PRESETS: dict[str, Preset] = {}
 
@@ -138,10 +139,13 @@ _register(Preset(
 
 def _update(params: dict[str, Any]):
     kind = params["update"]
+    if params["gains"] is not None and kind != "taylor":
+        raise ValueError(f"gains scale a Taylor forecast; update={kind!r} takes none (use update='taylor', "
+                         "e.g. preset taylorseer, or drop gains)")
     if kind == "reuse":
         return ReuseUpdate(axis=params["axis"])
     if kind == "taylor":
-        return TaylorUpdate(order=params["order"], axis=params["axis"])
+        return TaylorUpdate(order=params["order"], axis=params["axis"], gains=params["gains"])
     if kind == "foca":
         return FoCaUpdate(calibration=params["calibration"], axis=params["axis"])
     raise ValueError(f"unknown update {kind!r}; use 'reuse', 'taylor' or 'foca'")

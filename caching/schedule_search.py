@@ -9,6 +9,10 @@ between its neighbours and keeps a move only when it lowers the error of the cac
 the full-compute run of the same calibration samples. The budget (how many steps are computed)
 never changes, so neither do the FLOPs. The result is a tuple of trajectory fractions for
 `IntervalTrigger(steps=...)` (preset parameter `steps`).
+
+`search_forecast_gains` then calibrates the forecast itself on the same samples: one multiplier
+per segment of the Taylor extrapolation between computed steps (`TaylorUpdate.gains`, preset
+parameter `gains`). Neither search changes the FLOPs.
 """
 
 from __future__ import annotations
@@ -103,3 +107,90 @@ def search_compute_steps(model: torch.nn.Module, config_for: Callable[[tuple[flo
         if best > start - 1e-3:
             break
     return ComputeSchedule(tuple(steps), num_steps, best, initial, trials)
+
+
+@dataclass(frozen=True)
+class ForecastGains:
+    """Per-segment gains of a Taylor forecast, found by `search_forecast_gains`.
+
+    Attributes:
+        gains: multipliers of the derivative terms, one per segment after the 2nd, 3rd, ...
+            computed step (`TaylorUpdate.gains`).
+        objective: mean per-sample log MSE of the cached run against the full-compute run.
+        initial_objective: the same with every gain 1 (the plain Taylor forecast).
+        trials: cached runs evaluated.
+    """
+
+    gains: tuple[float, ...]
+    objective: float
+    initial_objective: float
+    trials: int
+
+
+@torch.no_grad()
+def search_forecast_gains(model: torch.nn.Module, config_for: Callable[[tuple[float, ...]], CacheConfig],
+                          run_fn: Callable[[], torch.Tensor], reference: torch.Tensor, segments: int, *,
+                          deltas: Sequence[float] = (0.2, 0.1, 0.05), sweeps: int = 2,
+                          log: Callable[[str], None] | None = None) -> ForecastGains:
+    """Scales each segment's Taylor extrapolation to minimise the cached run's error.
+
+    A finite-difference forecast over a long run of cached steps overshoots where the features
+    bend (and undershoots where they speed up). One gain per segment between computed steps,
+    searched like the placement: for each segment in turn, step its gain by +-delta while the
+    error of the cached run against the full-compute run drops, for each delta from coarse to fine.
+
+    Args:
+        model: the module the cache is applied to (a bare one: no cache installed).
+        config_for: `config_for(gains)` -> the CacheConfig with those `TaylorUpdate.gains`.
+        run_fn: generates the calibration samples (N, ...) with the step context published.
+        reference: (N, ...) the same samples without a cache.
+        segments: gains to search (computed steps - 1 for a run with a fixed compute schedule).
+        deltas: gain increments, coarse to fine.
+        sweeps: passes over the segments (stops early when a pass gains < 1e-3 in the log).
+        log: optional `log(message)` after each pass.
+
+    Returns:
+        The ForecastGains.
+    """
+    if segments < 1:
+        raise ValueError(f"segments={segments!r}: a forecast needs >= 2 computed steps to have a gain to search")
+    trials = 0
+
+    def error_of(candidate: tuple[float, ...]) -> float:
+        nonlocal trials
+        trials += 1
+        apply_cache(model, config_for(candidate))
+        try:
+            return _log_error(run_fn(), reference)
+        finally:
+            remove_cache(model)
+
+    gains = (1.0,) * segments
+    best = initial = error_of(gains)
+    for sweep in range(sweeps):
+        start = best
+        for segment in range(segments):
+            for delta in deltas:
+                gains, best = _walk_gain(error_of, gains, best, segment, delta)
+        if log is not None:
+            log(f"forecast-gains sweep {sweep + 1}: log MSE {best:.4f} (start {initial:.4f}), gains {list(gains)}")
+        if best > start - 1e-3:
+            break
+    return ForecastGains(gains, best, initial, trials)
+
+
+def _walk_gain(error_of: Callable[[tuple[float, ...]], float], gains: tuple[float, ...], best: float,
+               segment: int, delta: float) -> tuple[tuple[float, ...], float]:
+    """Moves gains[segment] by +-delta (within [0, 4]) while the error drops."""
+    while True:
+        for value in (gains[segment] + delta, gains[segment] - delta):
+            value = round(value, 6)
+            if not 0.0 <= value <= 4.0:
+                continue
+            candidate = gains[:segment] + (value,) + gains[segment + 1:]
+            error = error_of(candidate)
+            if error < best:
+                gains, best = candidate, error
+                break
+        else:
+            return gains, best

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import shutil
 
 import pytest
 import torch
@@ -32,7 +34,9 @@ def _settings(folder) -> Settings:
 
 def _variants() -> list[Variant]:
     out = [Variant("accel", "fbcache", {"threshold": 0.2}),
-           Variant("accel", "taylorseer", {"steps": "calibrated 3", "warmup": 0.0}, calibrate="steps")]
+           Variant("accel", "taylorseer", {"steps": "calibrated 3", "warmup": 0.0}, calibrate="steps"),
+           Variant("accel", "taylorseer", {"steps": "calibrated 3", "warmup": 0.0, "gains": "calibrated"},
+                   calibrate="steps")]
     if cache_dit_available():
         out.append(Variant("cache-dit", "DBCache F1B0", {"Fn": 1, "Bn": 0, "threshold": 0.2, "taylorseer": False}))
     else:
@@ -44,9 +48,13 @@ def test_bench_caches_records_and_resume(tiny_model_dir, tmp_path, capsys):
     torch.manual_seed(0)
     records = caches.run(True, tmp_path / "out.json", tmp_path / "bench", settings=_settings(tiny_model_dir),
                          variant_list=_variants())
-    assert len(records) == 4
-    calibrated = next(r for r in records if r["params"].get("steps") == "calibrated 3")
+    assert len(records) == 5
+    calibrated, with_gains = [r for r in records if r["params"].get("steps") == "calibrated 3"]
     assert 3.0 < calibrated["flops_speedup"] < 4.0  # 3 of 12 steps computed per branch, plus embedders
+    # the gains variant reuses the plain variant's placement and adds one gain per later segment
+    assert with_gains["calibrated_steps"] == calibrated["calibrated_steps"]
+    assert len(with_gains["calibrated_gains"]) == 2 and "calibrated_gains" not in calibrated
+    assert with_gains["flops_speedup"] == pytest.approx(calibrated["flops_speedup"])
     for record in records:
         assert set(FIELDS) <= set(record)
         assert record["origin"] in ("accel", "cache-dit", "diffusers")
@@ -64,6 +72,23 @@ def test_bench_caches_records_and_resume(tiny_model_dir, tmp_path, capsys):
                        variant_list=_variants())
     assert [r["key"] for r in again] == [r["key"] for r in records]
     assert [r["seconds"] for r in again] == [r["seconds"] for r in records]
+
+
+def test_saved_searches_are_reused_only_with_the_same_provenance(tiny_model_dir, tmp_path, capsys):
+    model_dir = tmp_path / "model"  # a copy: the module's model folder holds the other test's searches
+    shutil.copytree(tiny_model_dir, model_dir, ignore=shutil.ignore_patterns("cache-schedules"))
+    variant = Variant("accel", "taylorseer", {"steps": "calibrated 3", "warmup": 0.0}, calibrate="steps")
+    caches.run(True, None, tmp_path / "a", settings=_settings(model_dir), variant_list=[variant])
+    saved = list((model_dir / "cache-schedules").glob("taylorseer-steps=calibrated_3,warmup=0.0.json"))
+    assert len(saved) == 1 and "saved the search" in capsys.readouterr().out
+    first = json.loads(saved[0].read_text())
+    caches.run(True, None, tmp_path / "b", settings=_settings(model_dir), variant_list=[variant])
+    assert "saved the search" not in capsys.readouterr().out  # loaded, not searched
+    other_seed = dataclasses.replace(_settings(model_dir), calibration_seed=5)
+    caches.run(True, None, tmp_path / "c", settings=other_seed, variant_list=[variant])
+    assert "saved the search" in capsys.readouterr().out
+    assert json.loads(saved[0].read_text())["provenance"]["calibration_seed"] == 5
+    assert first["provenance"]["calibration_seed"] == 90_210
 
 
 def test_anchor_skipped_without_cache_dit(tiny_model_dir, tmp_path, monkeypatch):

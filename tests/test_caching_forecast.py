@@ -157,3 +157,42 @@ def test_teacache_auto_calibration_keeps_recording_after_a_too_short_run(caplog)
     drive(model, inputs)
     remove_cache(model)
     assert np.allclose(handle.config.trigger.coefficients, (1.0, 2.0, 0.0), atol=1e-3)
+
+
+def test_taylor_gains_scale_each_segments_extrapolation():
+    tembs = [2.0 + 3.0 * i for i in range(12)]          # computed at 0, 3, 6, 9
+    truth, cached = run_shift(TaylorUpdate(order=1, gains=(0.5, 2.0)), tembs)
+    errors = [max_error(truth, cached, [step]) for step in range(12)]
+    # steps 1, 2: one point, plain reuse; 4, 5: half the slope; 7, 8: twice; 10, 11: past the gains, 1
+    assert errors == pytest.approx([0, 3, 6, 0, 1.5, 3, 0, 3, 6, 0, 0, 0], abs=1e-4)
+
+
+def test_search_forecast_gains_stops_the_forecast_where_features_level_off():
+    from caching import search_forecast_gains
+
+    model = toy_model()
+    tembs = [float(min(i, 5)) for i in range(12)]        # rises to step 5, then flat
+    inputs = [dict(hidden_states=torch.zeros(1, 3, 4), temb=torch.tensor([t])) for t in tembs]
+
+    def run_fn():
+        return torch.stack(drive(model, inputs))
+
+    reference = run_fn()
+    found = search_forecast_gains(
+        model, lambda gains: CacheConfig(IntervalTrigger(3), ResidualScope(), update=TaylorUpdate(1, gains=gains)),
+        run_fn, reference, segments=3)
+    # segment 0 (after step 3) extrapolates the true slope; segment 1 (after step 6) sees the old
+    # slope 2/3 while the feature is flat: gain 0; segment 2 (after step 9) has slope 0: stays 1
+    assert found.gains == pytest.approx((1.0, 0.0, 1.0))
+    assert found.objective < found.initial_objective - 5 and found.trials >= 6
+    assert torch.equal(run_fn(), reference)
+
+
+def test_gains_are_checked():
+    with pytest.raises(ValueError, match=r"gains\[1\]=5.0 must be a number in \[0, 4\]"):
+        TaylorUpdate(gains=(1.0, 5.0))
+    with pytest.raises(ValueError, match="gains must be a list"):
+        TaylorUpdate(gains="1.0")
+    with pytest.raises(ValueError, match="update='foca' takes none"):
+        get_preset("foca", gains=[1.0])
+    assert get_preset("taylorseer", gains=[0.5, 1]).update.gains == (0.5, 1.0)

@@ -24,6 +24,7 @@ from omegaconf import OmegaConf
 
 from accel import measure
 from accel.bench._cache_origins import Adapter, Variant, diffusers_mag_ratios, make_adapter
+from accel.bench._cache_placements import PlacementStore
 from accel.embedded import load_flux_digits
 from accel.embedded.model import weights_fingerprint
 from accel.generate import SamplingPlan, flux_digits_denoiser, generate, sample_noise
@@ -109,6 +110,11 @@ class Bench:
         self._probe = self._probe_inputs()
         self._bare = self._probe_output()
         self._layout = _module_layout(self.model.transformer)
+        s = settings
+        self.placements = PlacementStore(Path(s.model_dir) / "cache-schedules", {
+            "weights": self.hash, "guidance": s.guidance, "reference_steps": s.reference_steps,
+            "classes": list(s.classes), "calibration_seed": s.calibration_seed,
+            "calibration_samples": s.calibration_samples})
 
     def _probe_inputs(self):
         generator = torch.Generator().manual_seed(12345)
@@ -170,7 +176,22 @@ class Bench:
     def _search_steps(self, variant: Variant) -> dict:
         """For `steps="calibrated K"`: K computed steps of the variant's preset (its other
         parameters fixed) placed by `caching.search_compute_steps` on the calibration seeds,
-        starting from an even spread; {"steps": fractions}."""
+        starting from an even spread; {"steps": fractions}. With `gains="calibrated"` the same
+        placement (of the variant without gains) then gets its forecast gains searched
+        (`caching.search_forecast_gains`); {"steps": ..., "gains": [...]}. Saved searches whose
+        provenance matches are loaded instead (`PlacementStore`)."""
+        stored = self.placements.load(variant)
+        if stored is not None:
+            return stored
+        if variant.params.get("gains") == "calibrated":
+            calibration, search = self._search_gains(variant)
+        else:
+            calibration, search = self._search_placement(variant)
+        path = self.placements.save(variant, calibration, search)
+        print(f"{variant.method}: saved the search to {path}")
+        return calibration
+
+    def _search_placement(self, variant: Variant) -> tuple[dict, dict]:
         from caching import get_preset, search_compute_steps
         method, fixed = variant.method, {k: v for k, v in variant.params.items() if k != "steps"}
         budget = int(str(variant.params["steps"]).split()[-1])
@@ -184,7 +205,27 @@ class Bench:
                                      log=lambda line: print(f"{method} ({budget} steps): {line}"))
         print(f"{method}: {budget} computed steps placed at {list(found.steps)} on the calibration seeds "
               f"(log MSE {found.initial_objective:.2f} -> {found.objective:.2f}, {found.trials} runs)")
-        return {"steps": list(found.fractions())}
+        search = {"objective": found.objective, "initial_objective": found.initial_objective,
+                  "trials": found.trials, "steps": list(found.steps)}
+        return {"steps": list(found.fractions())}, search
+
+    def _search_gains(self, variant: Variant) -> tuple[dict, dict]:
+        from caching import get_preset, search_forecast_gains
+        base = Variant(variant.origin, variant.method,
+                       {k: v for k, v in variant.params.items() if k != "gains"}, calibrate="steps")
+        fractions = self.calibration(base)["steps"]
+        fixed = {k: v for k, v in variant.params.items() if k not in ("steps", "gains")}
+        bare = Adapter()
+        found = search_forecast_gains(
+            self.model.transformer,
+            lambda gains: get_preset(variant.method, **fixed, steps=fractions, gains=gains),
+            lambda: self.calibration_run(bare), self.calibration_run(bare), len(fractions) - 1,
+            log=lambda line: print(f"{variant.method} ({len(fractions)} steps): {line}"))
+        print(f"{variant.method}: forecast gains {list(found.gains)} on the calibration seeds "
+              f"(log MSE {found.initial_objective:.2f} -> {found.objective:.2f}, {found.trials} runs)")
+        search = {"objective": found.objective, "initial_objective": found.initial_objective,
+                  "trials": found.trials}
+        return {"steps": list(fractions), "gains": list(found.gains)}, search
 
     def pace(self) -> float:
         """Seconds of a short bare generation of the timed batch: the machine's current speed.
@@ -216,6 +257,8 @@ class Bench:
             extra = _accel_stats(adapter)
             if variant.calibrate == "steps":  # the searched placement, as trajectory fractions
                 extra["calibrated_steps"] = calibration["steps"]
+                if "gains" in calibration:
+                    extra["calibrated_gains"] = calibration["gains"]
             return images, flops, wall, extra
         finally:
             adapter.remove(self.model.transformer)

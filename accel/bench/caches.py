@@ -55,6 +55,8 @@ OURS = [
      tuple(f"calibrated {k}" for k in (5, 6, 7, 8, 9, 10, 12, 14)), {"warmup": 0.0}),
     ("taylorseer", "steps", ("calibrated 8",), ("calibrated 6", "calibrated 8", "calibrated 10"),
      {"warmup": 0.0, "order": 2}),
+    ("taylorseer", "steps", ("calibrated 6", "calibrated 8"),
+     tuple(f"calibrated {k}" for k in (5, 6, 7, 8, 9, 10)), {"warmup": 0.0, "order": 2, "gains": "calibrated"}),
     ("foca", "interval", (3, 4), (2, 3, 4, 5), {}),
     ("budget", "threshold", (0.3,), (0.1, 0.15, 0.2, 0.3, 0.4), {}),
 ]
