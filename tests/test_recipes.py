@@ -1,6 +1,7 @@
 """Recipe validation: every bad input is one line naming the key, and exit code 2."""
 
 import pytest
+from omegaconf import OmegaConf
 
 from accel.cli import main
 from accel.recipe import RecipeError, load_recipe
@@ -155,3 +156,15 @@ def test_train_quick_is_a_three_step_smoke_run_in_its_own_folder(recipe):
     if full.objective.name in ("step-distill", "router"):
         assert quick.objective.params.teacher_count == 16
         assert quick.objective.params.trajectories != full.objective.params.get("trajectories")
+
+
+def test_calibrated_cache_recipe_resolves_to_its_placement_and_gains():
+    import caching
+    from accel.stack import Stack
+
+    recipe = load_recipe("embedded-calibrated-cache")
+    stack = Stack.from_recipe(recipe)
+    assert (stack.sampler.solver, stack.sampler.steps) == ("euler", 50)
+    config = caching.get_preset(recipe.cache.preset, **OmegaConf.to_container(recipe.cache.params))
+    assert config.update.gains == (1.3, 1.0, 0.9, 0.7, 0.6) and config.update.order == 2
+    assert config.trigger.steps == (0.0, 0.16, 0.34, 0.5, 0.68, 0.86)

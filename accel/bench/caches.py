@@ -13,6 +13,9 @@ the same seeds), `fd` (to real digits in the judge's features) and `accuracy` (t
 Outputs under `out_dir`: caches.jsonl (finished records; a rerun skips them), caches.json,
 caches.md (tables), caches.png (FLOPs speedup vs PSNR with per-origin frontiers). The anchors
 need the `bench` extra (`pip install -e .[bench]`); without it they are skipped with a note.
+Variants with `steps="calibrated K"` (and `gains="calibrated"`) load their searched placement and
+forecast gains from `<model_dir>/cache-schedules/` when the provenance matches, else search them
+on the calibration seeds first and save them there (`_cache_placements.PlacementStore`).
 """
 
 from __future__ import annotations
