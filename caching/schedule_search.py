@@ -54,6 +54,16 @@ def _log_error(images: torch.Tensor, reference: torch.Tensor) -> float:
     return float(errors.clamp_min(1e-20).log().mean())
 
 
+def _cached_error(model: torch.nn.Module, config: CacheConfig, run_fn: Callable[[], torch.Tensor],
+                  reference: torch.Tensor) -> float:
+    """The calibration objective of one cached run: applies `config`, runs, removes the cache."""
+    apply_cache(model, config)
+    try:
+        return _log_error(run_fn(), reference)
+    finally:
+        remove_cache(model)
+
+
 @torch.no_grad()
 def search_compute_steps(model: torch.nn.Module, config_for: Callable[[tuple[float, ...]], CacheConfig],
                          run_fn: Callable[[], torch.Tensor], reference: torch.Tensor,
@@ -84,11 +94,7 @@ def search_compute_steps(model: torch.nn.Module, config_for: Callable[[tuple[flo
     def error_of(candidate: list[int]) -> float:
         nonlocal trials
         trials += 1
-        apply_cache(model, config_for(tuple(s / num_steps for s in candidate)))
-        try:
-            return _log_error(run_fn(), reference)
-        finally:
-            remove_cache(model)
+        return _cached_error(model, config_for(tuple(s / num_steps for s in candidate)), run_fn, reference)
 
     best = initial = error_of(steps)
     for sweep in range(sweeps):
@@ -159,11 +165,7 @@ def search_forecast_gains(model: torch.nn.Module, config_for: Callable[[tuple[fl
     def error_of(candidate: tuple[float, ...]) -> float:
         nonlocal trials
         trials += 1
-        apply_cache(model, config_for(candidate))
-        try:
-            return _log_error(run_fn(), reference)
-        finally:
-            remove_cache(model)
+        return _cached_error(model, config_for(candidate), run_fn, reference)
 
     gains = (1.0,) * segments
     best = initial = error_of(gains)
