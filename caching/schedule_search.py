@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import torch
+from tqdm import tqdm
 
 from .apply import apply_cache, remove_cache
 from .config import CacheConfig
@@ -54,14 +55,24 @@ def _log_error(images: torch.Tensor, reference: torch.Tensor) -> float:
     return float(errors.clamp_min(1e-20).log().mean())
 
 
-def _cached_error(model: torch.nn.Module, config: CacheConfig, run_fn: Callable[[], torch.Tensor],
-                  reference: torch.Tensor) -> float:
-    """The calibration objective of one cached run: applies `config`, runs, removes the cache."""
-    apply_cache(model, config)
-    try:
-        return _log_error(run_fn(), reference)
-    finally:
-        remove_cache(model)
+class _Trials:
+    """The calibration objective of cached runs (apply `config`, run, remove the cache), counted and
+    shown as a transient progress bar (only on a terminal)."""
+
+    def __init__(self, model: torch.nn.Module, run_fn: Callable[[], torch.Tensor], reference: torch.Tensor,
+                 desc: str) -> None:
+        self.model, self.run_fn, self.reference = model, run_fn, reference
+        self.count = 0
+        self.bar = tqdm(desc=desc, unit="run", leave=False, disable=None)
+
+    def __call__(self, config: CacheConfig) -> float:
+        self.count += 1
+        self.bar.update()
+        apply_cache(self.model, config)
+        try:
+            return _log_error(self.run_fn(), self.reference)
+        finally:
+            remove_cache(self.model)
 
 
 @torch.no_grad()
@@ -89,12 +100,10 @@ def search_compute_steps(model: torch.nn.Module, config_for: Callable[[tuple[flo
     steps = sorted(set(initial_steps) | {0})
     if steps[-1] >= num_steps:
         raise ValueError(f"initial_steps {list(initial_steps)} reach past a run of {num_steps} steps")
-    trials = 0
+    trials = _Trials(model, run_fn, reference, "compute-schedule search")
 
     def error_of(candidate: list[int]) -> float:
-        nonlocal trials
-        trials += 1
-        return _cached_error(model, config_for(tuple(s / num_steps for s in candidate)), run_fn, reference)
+        return trials(config_for(tuple(s / num_steps for s in candidate)))
 
     best = initial = error_of(steps)
     for sweep in range(sweeps):
@@ -112,7 +121,8 @@ def search_compute_steps(model: torch.nn.Module, config_for: Callable[[tuple[flo
             log(f"compute-schedule sweep {sweep + 1}: log MSE {best:.4f} (start {initial:.4f}), steps {steps}")
         if best > start - 1e-3:
             break
-    return ComputeSchedule(tuple(steps), num_steps, best, initial, trials)
+    trials.bar.close()
+    return ComputeSchedule(tuple(steps), num_steps, best, initial, trials.count)
 
 
 @dataclass(frozen=True)
@@ -160,12 +170,10 @@ def search_forecast_gains(model: torch.nn.Module, config_for: Callable[[tuple[fl
     """
     if segments < 1:
         raise ValueError(f"segments={segments!r}: a forecast needs >= 2 computed steps to have a gain to search")
-    trials = 0
+    trials = _Trials(model, run_fn, reference, "forecast-gains search")
 
     def error_of(candidate: tuple[float, ...]) -> float:
-        nonlocal trials
-        trials += 1
-        return _cached_error(model, config_for(candidate), run_fn, reference)
+        return trials(config_for(candidate))
 
     gains = (1.0,) * segments
     best = initial = error_of(gains)
@@ -178,7 +186,8 @@ def search_forecast_gains(model: torch.nn.Module, config_for: Callable[[tuple[fl
             log(f"forecast-gains sweep {sweep + 1}: log MSE {best:.4f} (start {initial:.4f}), gains {list(gains)}")
         if best > start - 1e-3:
             break
-    return ForecastGains(gains, best, initial, trials)
+    trials.bar.close()
+    return ForecastGains(gains, best, initial, trials.count)
 
 
 def _walk_gain(error_of: Callable[[tuple[float, ...]], float], gains: tuple[float, ...], best: float,
