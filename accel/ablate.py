@@ -27,7 +27,7 @@ from tqdm import tqdm
 from accel.ablation_report import write_ablation_outputs
 from accel.distributed import is_main_process, process_state, wait_for_everyone
 from accel.execute import (Evaluator, add_speedups, build_inputs, load_embedded_model, measure_plan,
-                           measure_stack, plan_from, reference_denoiser, reference_guidance)
+                           measure_stack, plan_from, reference_denoiser, reference_guidance, time_plan)
 from accel.recipe.schema import Recipe
 from accel.recipe.validate import validate_recipe
 from accel.stack import StackError
@@ -133,10 +133,20 @@ class CellStore:
         return load_file(path)["images"] if path.is_file() else None
 
 
-def _reference(recipe, model, inputs, store: CellStore) -> tuple[dict, torch.Tensor]:
-    """The reference record and images, measured once and kept for resumption."""
+def _reference(recipe, model, inputs, store: CellStore, retime: bool) -> tuple[dict, torch.Tensor]:
+    """The reference record and images, measured once and kept for resumption. With `retime` (a
+    resumed run that still has cells to measure) its wall-clock is timed anew, so those cells are
+    compared with a reference timed on the same machine state; finished cells keep the speedups
+    they were measured with."""
     path = store.folder / "reference.json"
     if path.is_file() and store.images("reference") is not None:
+        if retime:
+            if is_main_process():
+                record = json.loads(path.read_text())
+                record["wall_seconds"] = time_plan(reference_denoiser(recipe, model),
+                                                   plan_from(recipe.eval.reference), inputs, recipe)
+                path.write_text(json.dumps(record, default=str))
+            wait_for_everyone()
         return json.loads(path.read_text()), store.images("reference")
     record, images = measure_plan("reference", "reference", plan_from(recipe.eval.reference),
                                   reference_denoiser(recipe, model), inputs, recipe,
@@ -167,10 +177,10 @@ def run_ablation(recipe: DictConfig) -> list[dict] | None:
     store = CellStore(folder)
     model = load_embedded_model(recipe.model.name, recipe.model.device)
     inputs = build_inputs(recipe)
-    reference, ref_images = _reference(recipe, model, inputs, store)
-    evaluate = Evaluator(recipe, inputs.labels)
     cells = grid_cells(recipe)
     done = store.finished()
+    reference, ref_images = _reference(recipe, model, inputs, store, retime=any(c.key not in done for c in cells))
+    evaluate = Evaluator(recipe, inputs.labels)
     mine = [c for i, c in enumerate(cells) if i % state.num_processes == state.process_index and c.key not in done]
     if is_main_process() and done:
         print(f"resuming: {len(done)} of {len(cells)} cells already finished", flush=True)

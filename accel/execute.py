@@ -157,21 +157,27 @@ def measure_plan(label: str, kind: str, plan: SamplingPlan, denoiser, inputs: In
     device = recipe.model.device
     images, flops = _cached_generation(
         cache_file, lambda: _generate_counted(denoiser, plan, inputs, recipe, label, split))
-    wall = float("nan")
-    if is_main_process() or not split:
-        timing = slice(0, recipe.eval.timing_batch)
-        wall = measure.time_median(
-            lambda: generate(denoiser, plan, inputs.noise[timing], inputs.labels[timing],
-                             recipe.eval.timing_batch, device=device),
-            repeats=recipe.eval.timing_repeats, warmup=1, device=device)
+    wall = time_plan(denoiser, plan, inputs, recipe) if is_main_process() or not split else float("nan")
     record = {
         "label": label, "kind": kind, "solver": plan.solver, "steps": plan.steps,
         "schedule": plan.schedule, "schedule_params": plan.schedule_params,
         "solver_params": plan.solver_params,
-        "nfe": plan.nfe(recipe.guidance.scale if guidance_scale is None else guidance_scale), "flops": flops, "tflops": flops / 1e12,
+        "nfe": plan.nfe(recipe.guidance.scale if guidance_scale is None else guidance_scale),
+        "flops": flops, "tflops": flops / 1e12,
         "wall_seconds": wall, "peak_memory_mb": measure.peak_memory_mb(device),
     }
     return record, images
+
+
+def time_plan(denoiser, plan: SamplingPlan, inputs: Inputs, recipe: DictConfig) -> float:
+    """Median seconds of `eval.timing_repeats` generations of the first `eval.timing_batch` samples,
+    after one warm-up."""
+    device = recipe.model.device
+    timing = slice(0, recipe.eval.timing_batch)
+    return measure.time_median(
+        lambda: generate(denoiser, plan, inputs.noise[timing], inputs.labels[timing], recipe.eval.timing_batch,
+                         device=device),
+        repeats=recipe.eval.timing_repeats, warmup=1, device=device)
 
 
 def measure_stack(label: str, recipe: DictConfig, model, inputs: Inputs,
