@@ -104,6 +104,7 @@ class Bench:
         self.noise = sample_noise(settings.seed, range(len(labels)), (1, 16, 16))
         self.evaluate = evaluator or _evaluator(settings, labels)
         self.calibrations: dict[str, dict] = {}
+        self._calibration_reference: torch.Tensor | None = None
         self.reference: dict | None = None
         self.reference_images: torch.Tensor | None = None
         self._last_pace: float | None = None
@@ -147,6 +148,12 @@ class Bench:
         denoiser = flux_digits_denoiser(_Wrapped(self.model, adapter), s.guidance)
         return generate(denoiser, SamplingPlan("euler", s.reference_steps), noise, labels, len(labels),
                         before_generation=lambda: adapter.before_generation(s.reference_steps))
+
+    def calibration_reference(self) -> torch.Tensor:
+        """The bare model's calibration images (full compute), generated once per run."""
+        if self._calibration_reference is None:
+            self._calibration_reference = self.calibration_run(Adapter())
+        return self._calibration_reference
 
     def calibration(self, variant: Variant) -> dict:
         """Calibrated parameters for a variant (computed once per run and kind; a compute-step
@@ -197,11 +204,11 @@ class Bench:
         budget = int(str(variant.params["steps"]).split()[-1])
         steps = self.settings.reference_steps
         bare = Adapter()
-        reference = self.calibration_run(bare)
         initial = sorted({round(i * steps / budget) for i in range(budget)})
         found = search_compute_steps(self.model.transformer,
                                      lambda fractions: get_preset(method, **fixed, steps=fractions),
-                                     lambda: self.calibration_run(bare), reference, initial, steps,
+                                     lambda: self.calibration_run(bare), self.calibration_reference(), initial,
+                                     steps,
                                      log=lambda line: print(f"{method} ({budget} steps): {line}"))
         print(f"{method}: {budget} computed steps placed at {list(found.steps)} on the calibration seeds "
               f"(log MSE {found.initial_objective:.2f} -> {found.objective:.2f}, {found.trials} runs)")
@@ -219,7 +226,7 @@ class Bench:
         found = search_forecast_gains(
             self.model.transformer,
             lambda gains: get_preset(variant.method, **fixed, steps=fractions, gains=gains),
-            lambda: self.calibration_run(bare), self.calibration_run(bare), len(fractions) - 1,
+            lambda: self.calibration_run(bare), self.calibration_reference(), len(fractions) - 1,
             log=lambda line: print(f"{variant.method} ({len(fractions)} steps): {line}"))
         print(f"{variant.method}: forecast gains {list(found.gains)} on the calibration seeds "
               f"(log MSE {found.initial_objective:.2f} -> {found.objective:.2f}, {found.trials} runs)")
