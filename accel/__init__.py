@@ -3,8 +3,9 @@
 `import accel` stays light: the Python API below is imported on first use.
 
     import accel
-    resolved = accel.apply(pipe, accel.Stack(...))   # or a recipe
-    ...
+    resolved = accel.apply(pipe, "templates/flux-dev")   # a Stack, a recipe, a name or a YAML path
+    image = pipe(prompt, num_inference_steps=resolved.stack.sampler.steps).images[0]
+    print(accel.summary(pipe).to_dict())               # what the stack did in that call
     accel.remove(pipe)
 """
 
@@ -13,8 +14,8 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-_LAZY = {"apply": "accel.pipeline", "remove": "accel.pipeline", "Stack": "accel.stack",
-         "StackError": "accel.stack"}
+_LAZY = {"apply": "accel.pipeline", "remove": "accel.pipeline", "summary": "accel.pipeline",
+         "Stack": "accel.stack", "StackError": "accel.stack", "load_recipe": "accel.recipe"}
 
 __all__ = sorted(_LAZY)
 

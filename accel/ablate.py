@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from accel.ablation_report import write_ablation_outputs
 from accel.distributed import is_main_process, process_state, wait_for_everyone
-from accel.execute import (Evaluator, add_speedups, build_inputs, load_embedded_model, measure_plan,
+from accel.execute import (Evaluator, add_speedups, build_inputs, load_embedded_model, measure_plan, model_device,
                            measure_stack, plan_from, reference_denoiser, reference_guidance, time_plan)
 from accel.recipe.schema import Recipe
 from accel.recipe.validate import validate_recipe
@@ -175,7 +175,7 @@ def run_ablation(recipe: DictConfig) -> list[dict] | None:
     state = process_state()
     folder = Path(recipe.output.dir) / recipe.name
     store = CellStore(folder)
-    model = load_embedded_model(recipe.model.name, recipe.model.device)
+    model = load_embedded_model(recipe.model.name, model_device(recipe))
     inputs = build_inputs(recipe)
     cells = grid_cells(recipe)
     done = store.finished()

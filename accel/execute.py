@@ -38,6 +38,11 @@ def build_inputs(recipe: DictConfig) -> Inputs:
     return Inputs(labels=labels, noise=noise)
 
 
+def model_device(recipe: DictConfig) -> str:
+    """Where the embedded model runs: the recipe's model.device, else the CPU."""
+    return recipe.model.device or "cpu"
+
+
 def model_folder(name: str) -> Path:
     """The weights folder of an embedded model name or a local folder."""
     return FLUX_DIGITS_DIR if name == "flux-digits" else Path(name)
@@ -89,7 +94,7 @@ def _generate_counted(denoiser, plan: SamplingPlan, inputs: Inputs, recipe: Dict
                       label: str, split: bool) -> tuple[torch.Tensor, int]:
     """Generates every sample batch by batch, each batch under the FLOP counter; with `split`,
     the batches are dealt across the launched processes and gathered."""
-    device = recipe.model.device
+    device = model_device(recipe)
     slices = batch_slices(len(inputs.labels), recipe.inputs.batch_size)
     progress = tqdm(total=len(slices), desc=label, leave=False, disable=split and not is_main_process())
 
@@ -113,7 +118,7 @@ def reference_cache_key(recipe: DictConfig, plan: SamplingPlan, model_dir: Path)
     digest.update(json.dumps({
         "plan": [plan.solver, plan.steps, plan.schedule, plan.schedule_params, plan.solver_params],
         "inputs": OmegaConf.to_container(recipe.inputs), "guidance": reference_guidance(recipe),
-        "model": [recipe.model.device, recipe.model.dtype], "torch": torch.__version__,
+        "model": [model_device(recipe), recipe.model.dtype], "torch": torch.__version__,
         "threads": torch.get_num_threads()}, sort_keys=True, default=str).encode())
     return digest.hexdigest()[:20]
 
@@ -154,7 +159,7 @@ def measure_plan(label: str, kind: str, plan: SamplingPlan, denoiser, inputs: In
     earlier generation are reused; the wall-clock is always measured anew, beside the run.
     `guidance_scale` (default: the recipe's) sets the passes counted in `nfe`.
     """
-    device = recipe.model.device
+    device = model_device(recipe)
     images, flops = _cached_generation(
         cache_file, lambda: _generate_counted(denoiser, plan, inputs, recipe, label, split))
     wall = time_plan(denoiser, plan, inputs, recipe) if is_main_process() or not split else float("nan")
@@ -172,7 +177,7 @@ def measure_plan(label: str, kind: str, plan: SamplingPlan, denoiser, inputs: In
 def time_plan(denoiser, plan: SamplingPlan, inputs: Inputs, recipe: DictConfig) -> float:
     """Median seconds of `eval.timing_repeats` generations of the first `eval.timing_batch` samples,
     after one warm-up."""
-    device = recipe.model.device
+    device = model_device(recipe)
     timing = slice(0, recipe.eval.timing_batch)
     return measure.time_median(
         lambda: generate(denoiser, plan, inputs.noise[timing], inputs.labels[timing], recipe.eval.timing_batch,

@@ -15,8 +15,11 @@ from typing import Callable
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
+
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 from torchmetrics.image.fid import FrechetInceptionDistance
+
+import caching.flops  # noqa: F401  (quantized linears count their FLOPs)
 
 
 @dataclass

@@ -82,7 +82,7 @@ def installed_cache(model, resolved: ResolvedStack, denoiser, recipe: DictConfig
             labels = torch.tensor(list(recipe.inputs.classes)).repeat(2)[:count]
             side = recipe.inputs.resolution
             noise = sample_noise(recipe.inputs.seed + CALIBRATION_SEED_OFFSET, range(count), (1, side, side))
-            generate(denoiser, plan_of(resolved), noise, labels, count, device=recipe.model.device)
+            generate(denoiser, plan_of(resolved), noise, labels, count, device=recipe.model.device or "cpu")
         yield handle
     finally:
         caching.remove_cache(model.transformer)

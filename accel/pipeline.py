@@ -1,29 +1,36 @@
 """`accel.apply(pipe, stack)` puts a Stack on any diffusers pipeline; `accel.remove(pipe)` takes it off.
 
 apply, in this order:
-  1. resolves the stack for the pipeline's denoiser (`pipe.transformer`, else `pipe.unet`) and
-     the stack's step count (`accel.resolve`), before touching anything;
-  2. loads the adapters with `pipe.load_lora_weights`, sets their scales and fuses them if asked,
-     keeping a CPU copy of every weight fusing changes (unfusing is not bitwise exact);
-  3. installs the cache with `caching.apply_cache` *after* fusing, so a trigger that calibrates
-     on its first generation (TeaCache, MagCache) measures the adapted model;
-  4. installs one hook on the denoiser that marks the guidance branch of every call: the name a
-     pipeline gives it with `model.cache_context("cond" | "uncond")`, or "batched" where the
-     pipeline concatenates cond and uncond (and, if asked, reuses the uncond branch);
-  5. swaps `pipe.scheduler` for an `AccelScheduler` built from the old scheduler's config.
+  1. reads the stack (a Stack, a recipe, a shipped recipe name or a YAML path), checks the recipe's
+     model dtype and applies its device (`accel.placement`);
+  2. resolves the stack for the pipeline's denoiser and the stack's step count (`accel.resolve`),
+     before touching anything;
+  3. loads the adapters with `pipe.load_lora_weights`, sets their scales and fuses them if asked
+     (`accel.pipeline_lora`, which keeps what removal needs to restore the weights exactly);
+  4. installs the cache with `caching.apply_cache` on every denoiser (`transformer`, Wan 2.2's
+     `transformer_2`, or `unet`) *after* fusing, so a trigger that calibrates on its first
+     generation (TeaCache, MagCache) measures the adapted model;
+  5. installs one hook per denoiser that marks the guidance branch of every call
+     (`accel.branch_hook`);
+  6. swaps `pipe.scheduler` for an `AccelScheduler` built from the old scheduler's config.
 
-The AccelScheduler publishes the step context of every model call and starts a new generation
-in each `set_timesteps`, which pipelines call once per `__call__`, so cache state resets per call.
+Every pipeline call starts with `scheduler.set_timesteps`, which starts a new generation (cache
+state resets per call) and tells the stack the call's step count: a call with another step count,
+or with guidance switched on or off, is resolved again with the same rules (and refused the same
+way, at call time). Resolutions and calibrated caches are kept per (steps, guidance), so a
+calibration is only ever reused for the run it was made for.
 
 Instance state: everything apply changed is kept in one `Applied` record in the module registry
 `_APPLIED` (a WeakKeyDictionary keyed by the pipeline); nothing is stored on the pipeline and no
-class is patched. `remove` undoes the steps in reverse order and restores the pipeline exactly:
-the same scheduler object, the original weights, no hooks, no LoRA attributes.
+class is patched. `remove` undoes the steps in reverse order and restores the pipeline exactly: the
+same scheduler object (unless the user set another one since), the original weights and device,
+no hooks, no LoRA attributes (unless the user loaded adapters of their own since).
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import inspect
 import logging
@@ -32,23 +39,24 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from diffusers.hooks import ModelHook
-from diffusers.hooks.hooks import StateManager
 
 import caching
 from caching.hooks import InstalledHook, install_hook, uninstall_hooks
 from samplers.diffusers_scheduler import AccelScheduler
-from step_context import current_step, guidance_branch
 
-from accel.adapter_files import adapter_file
+from accel.branch_hook import GuidanceBranchHook, guidance_active
+from accel.pipeline_lora import LoadedAdapters, check_removable, load_adapters, unload_adapters
+from accel.placement import place_pipeline, stack_and_placement
 from accel.resolve import ResolvedStack, RunInfo, resolve
 from accel.stack import Stack, StackError
+from accel.stack_summary import StackSummary, summarize
 
 logger = logging.getLogger("accel")
 
-# Attributes that loading / fusing LoRA adds to a pipeline or a model; removed if absent before.
-LORA_ATTRIBUTES = ("_merged_adapters", "_hf_peft_config_loaded", "_safe_fusing", "lora_scale", "peft_config")
-ADAPTER_PREFIX = "accel_"
+# Attributes that hold a pipeline's denoisers, in order; the first present one is the primary.
+DENOISER_ATTRIBUTES = ("transformer", "transformer_2", "unet")
+
+RunKey = tuple[int, str]  # (solver steps, guidance mode) of a pipeline call
 
 
 @dataclass
@@ -56,132 +64,59 @@ class Applied:
     """Everything `apply` changed on one pipeline, so that `remove` can undo it exactly.
 
     Attributes:
-        resolved: the resolved stack.
-        denoiser: the denoiser the cache and the branch hook sit on.
+        stack: the stack as given (its step count is the default call's).
+        resolved: the stack resolved for the latest call (or for the default call before any).
+        denoisers: (attribute name, module) of every denoiser the stack acts on.
         scheduler: the pipeline's own scheduler, put back by remove.
-        adapter_names: the adapters loaded (named accel_0, accel_1, ...).
-        lora_components: pipeline components LoRA was fused into.
-        saved_weights: (parameter, CPU copy of its value before fusing).
-        cache: the installed cache, or None.
-        branch_hook: the guidance-branch hook, or None.
-        installed: hooks to uninstall.
-        attributes: (object, its attribute names before apply) for the pipeline and its models.
-        had_forward: whether the denoiser had an instance `forward` before apply.
+        accel_scheduler: the AccelScheduler apply installed.
+        base_run: what the stack was first resolved against (the per-call runs vary its steps
+            and guidance mode).
+        batched: whether the pipeline evaluates cond and uncond in one batched call.
+        key: the (steps, guidance mode) the installed cache was resolved for.
+        resolutions: every resolution made, by run key.
+        calibrated: cache configs after a self-calibrating trigger calibrated, by run key.
+        adapters: what loading the adapters changed.
+        caches: denoiser name -> the installed cache.
+        branch_hooks: the guidance-branch hook of each denoiser.
+        installed: the branch hooks to uninstall.
+        had_forward: denoiser name -> whether it had an instance `forward` before apply.
+        moved_from: the device the pipeline was on before apply moved it, or None.
     """
 
+    stack: Stack
     resolved: ResolvedStack
-    denoiser: torch.nn.Module
+    denoisers: list[tuple[str, torch.nn.Module]]
     scheduler: Any
-    adapter_names: list[str] = field(default_factory=list)
-    lora_components: list[str] = field(default_factory=list)
-    saved_weights: list[tuple[torch.Tensor, torch.Tensor]] = field(default_factory=list)
-    cache: caching.CacheHandle | None = None
-    branch_hook: "GuidanceBranchHook | None" = None
+    accel_scheduler: AccelScheduler
+    base_run: RunInfo
+    batched: bool
+    key: RunKey
+    resolutions: dict[RunKey, ResolvedStack] = field(default_factory=dict)
+    calibrated: dict[RunKey, dict[str, caching.CacheConfig]] = field(default_factory=dict)
+    adapters: LoadedAdapters = field(default_factory=LoadedAdapters)
+    caches: dict[str, caching.CacheHandle] = field(default_factory=dict)
+    branch_hooks: list[GuidanceBranchHook] = field(default_factory=list)
     installed: list[InstalledHook] = field(default_factory=list)
-    attributes: list[tuple[Any, set[str]]] = field(default_factory=list)
-    had_forward: bool = False
+    had_forward: dict[str, bool] = field(default_factory=dict)
+    moved_from: torch.device | None = None
+
+    @property
+    def denoiser(self) -> torch.nn.Module:
+        """The primary denoiser (`transformer` or `unet`)."""
+        return self.denoisers[0][1]
+
+    @property
+    def cache(self) -> caching.CacheHandle | None:
+        """The primary denoiser's cache, or None."""
+        return self.caches.get(self.denoisers[0][0])
+
+    @property
+    def branch_hook(self) -> GuidanceBranchHook | None:
+        """The primary denoiser's branch hook."""
+        return self.branch_hooks[0] if self.branch_hooks else None
 
 
 _APPLIED: "weakref.WeakKeyDictionary[Any, Applied]" = weakref.WeakKeyDictionary()
-
-
-class _PipelineCallName(StateManager):
-    """Receives the name a diffusers pipeline gives a denoiser call (`model.cache_context(name)`)."""
-
-    def __init__(self) -> None:
-        super().__init__(dict)
-
-    @property
-    def name(self) -> str | None:
-        return None if self._context is None else self._context.name
-
-
-def _first_tensor(output: Any) -> torch.Tensor:
-    return output[0] if isinstance(output, (tuple, list)) else output.sample
-
-
-def _with_first_tensor(output: Any, tensor: torch.Tensor) -> Any:
-    if isinstance(output, (tuple, list)):
-        return (tensor, *output[1:])
-    return type(output)(**{**output, "sample": tensor})
-
-
-class GuidanceBranchHook(ModelHook):
-    """Marks each denoiser call with its guidance branch; optionally reuses the uncond branch.
-
-    The branch is the name the pipeline gives the call ("cond" / "uncond"), or "batched" when the
-    pipeline batches both branches into one call and guidance is on. With `uncond_interval` k > 1,
-    the uncond branch is computed at steps 0, k, 2k, ... and elsewhere returns this step's cond
-    output plus the latest computed (uncond - cond).
-
-    Args:
-        pipe: the pipeline (held weakly), for its `do_classifier_free_guidance`.
-        batched: whether the pipeline batches cond and uncond.
-        guidance_on: whether the stack assumes CFG (used when the pipeline does not say).
-        uncond_interval: compute the uncond branch every this many steps.
-        num_steps: the step count the stack was resolved for.
-    """
-
-    _is_stateful = True
-
-    def __init__(self, pipe: Any, *, batched: bool, guidance_on: bool, uncond_interval: int,
-                 num_steps: int) -> None:
-        super().__init__()
-        self.call_name = _PipelineCallName()
-        self._pipe = weakref.ref(pipe)
-        self.batched, self.guidance_on = batched, guidance_on
-        self.uncond_interval, self.num_steps = uncond_interval, num_steps
-        self.reused_calls = 0
-        self._cond: tuple[tuple, Any] | None = None  # ((generation, step, stage), cond output)
-        self._delta: tuple[int, torch.Tensor] | None = None  # (generation, uncond - cond)
-        self._warned = False
-
-    def branch(self) -> str | None:
-        """The guidance branch of the call in progress (None: leave the default, "cond")."""
-        name = self.call_name.name
-        if name in ("cond", "uncond"):
-            return name
-        if self.batched and self._guidance_active():
-            return "batched"
-        return None
-
-    def _guidance_active(self) -> bool:
-        pipe = self._pipe()
-        if pipe is not None and isinstance(getattr(type(pipe), "do_classifier_free_guidance", None), property):
-            with contextlib.suppress(AttributeError, TypeError):
-                return bool(pipe.do_classifier_free_guidance)
-        return self.guidance_on
-
-    def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
-        branch, context = self.branch(), current_step()
-        if context is not None and context.num_steps != self.num_steps and not self._warned:
-            self._warned = True
-            logger.warning("the stack was resolved for %d steps but the pipeline runs %d; pass "
-                           "num_inference_steps=%d or apply the stack again", self.num_steps,
-                           context.num_steps, self.num_steps)
-        with guidance_branch(branch) if branch is not None else contextlib.nullcontext():
-            if branch == "uncond" and self.uncond_interval > 1 and context is not None:
-                return self._uncond(context, args, kwargs)
-            output = self.fn_ref.original_forward(*args, **kwargs)
-        if branch == "cond" and self.uncond_interval > 1 and context is not None:
-            self._cond = ((context.generation, context.step_index, context.stage), output)
-        return output
-
-    def _uncond(self, context: Any, args: tuple, kwargs: dict) -> Any:
-        key = (context.generation, context.step_index, context.stage)
-        cond = self._cond[1] if self._cond is not None and self._cond[0] == key else None
-        delta = self._delta[1] if self._delta is not None and self._delta[0] == context.generation else None
-        if cond is not None and delta is not None and context.step_index % self.uncond_interval != 0:
-            self.reused_calls += 1
-            return _with_first_tensor(cond, _first_tensor(cond) + delta)
-        output = self.fn_ref.original_forward(*args, **kwargs)
-        if cond is not None:
-            self._delta = (context.generation, _first_tensor(output) - _first_tensor(cond))
-        return output
-
-    def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
-        self._cond = self._delta = None
-        return module
 
 
 # ---------------------------------------------------------------------------------------- run info
@@ -238,18 +173,6 @@ def run_info_for(pipe: Any, stack: Stack) -> RunInfo:
 # ---------------------------------------------------------------------------------------- apply
 
 
-def _as_stack(stack_or_recipe: Any) -> Stack:
-    if isinstance(stack_or_recipe, Stack):
-        return stack_or_recipe
-    if hasattr(stack_or_recipe, "sampler") and hasattr(stack_or_recipe, "cache"):
-        from omegaconf import OmegaConf
-        recipe = stack_or_recipe
-        if not OmegaConf.is_config(recipe):
-            recipe = OmegaConf.structured(recipe)
-        return Stack.from_recipe(recipe)
-    raise StackError(f"accel.apply needs a Stack or a recipe, got {type(stack_or_recipe).__name__}")
-
-
 def _new_scheduler(pipe: Any, stack: Stack) -> AccelScheduler:
     sampler = stack.sampler
     return AccelScheduler.from_config(_scheduler_config(pipe), solver=sampler.solver, schedule=sampler.schedule,
@@ -257,44 +180,146 @@ def _new_scheduler(pipe: Any, stack: Stack) -> AccelScheduler:
                                       solver_options=dict(sampler.solver_params) or None)
 
 
-def _lora_components(pipe: Any) -> list[str]:
-    return [name for name in getattr(pipe, "_lora_loadable_modules", ())
-            if isinstance(getattr(pipe, name, None), torch.nn.Module)]
+def _denoisers(pipe: Any) -> list[tuple[str, torch.nn.Module]]:
+    """Every denoiser of the pipeline the stack acts on, the primary one first."""
+    found = [(name, getattr(pipe, name)) for name in DENOISER_ATTRIBUTES
+             if isinstance(getattr(pipe, name, None), torch.nn.Module)]
+    if not found:
+        _denoiser(pipe)  # raises the one-line error
+    return found
 
 
-def _load_adapters(pipe: Any, record: Applied) -> None:
-    """Loads the adapters, sets their scales and fuses them if asked (saving the weights first)."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
+# ---------------------------------------------------------------------------------------- per call
 
-    adapters = record.resolved.stack.adapters
-    for index, adapter in enumerate(adapters):
-        file = adapter_file(adapter.path)
-        name = f"{ADAPTER_PREFIX}{index}"
-        pipe.load_lora_weights(str(file.parent), weight_name=file.name, adapter_name=name)
-        record.adapter_names.append(name)
-    pipe.set_adapters(record.adapter_names, adapter_weights=[a.scale for a in adapters])
-    if not adapters[0].fuse:
+
+def _resolve_call(record: Applied, steps: int, mode: str) -> ResolvedStack:
+    """The stack resolved for a call of `steps` steps with guidance `mode` (kept per run key)."""
+    key = (steps, mode)
+    if key in record.resolutions:
+        return record.resolutions[key]
+    stack = record.stack
+    if steps != stack.sampler.steps:
+        stack = stack.replace(sampler=dataclasses.replace(stack.sampler, steps=steps))
+    try:
+        resolved = resolve(stack, dataclasses.replace(record.base_run, num_steps=steps, guidance=mode))
+    except StackError as error:
+        raise StackError(f"pipeline call with num_inference_steps={steps} (guidance {mode}): {error}") from None
+    if steps != record.stack.sampler.steps:
+        line = (f"call-steps: this call runs {steps} steps, the stack names {record.stack.sampler.steps} -> "
+                f"resolved for {steps}")
+        resolved = dataclasses.replace(resolved, decisions=(line, *resolved.decisions))
+    record.resolutions[key] = resolved
+    return resolved
+
+
+def _install_caches(record: Applied, resolved: ResolvedStack) -> None:
+    """Installs the resolved cache on every denoiser (a config calibrated for this run if any)."""
+    config = resolved.cache_config()
+    if config is None:
         return
-    record.lora_components = _lora_components(pipe)
-    for component in record.lora_components:
-        for module in getattr(pipe, component).modules():
-            if isinstance(module, BaseTunerLayer):
-                base = module.get_base_layer()
-                for param in (base.weight, getattr(base, "bias", None)):
-                    if param is not None:
-                        record.saved_weights.append((param, param.detach().to("cpu", copy=True)))
-    pipe.fuse_lora(components=record.lora_components, adapter_names=record.adapter_names)
+    calibrated = record.calibrated.get(record.key, {})
+    for name, model in record.denoisers:
+        record.caches[name] = caching.apply_cache(model, calibrated.get(name, config))
 
 
-def _install_branch_hook(pipe: Any, record: Applied) -> None:
-    stack, run = record.resolved.stack, record.resolved.run
-    hook = GuidanceBranchHook(pipe, batched=run.guidance == "batched", guidance_on=stack.guidance.has_uncond_pass,
-                              uncond_interval=stack.guidance.uncond_interval, num_steps=run.num_steps)
-    record.installed.append(install_hook(record.denoiser, hook, "stack-branches"))
-    record.branch_hook = hook
-    registry = getattr(record.denoiser, "_diffusers_hook", None)
-    if registry is not None:
-        registry.invalidate_child_registries_cache()
+def _remove_caches(record: Applied) -> None:
+    """Removes the caches; a trigger that calibrated itself keeps its config for its run key."""
+    for name, model in record.denoisers:
+        handle = record.caches.pop(name, None)
+        if handle is None:
+            continue
+        config = record.resolved.cache_config()
+        calibrator = handle.runtime.calibrator
+        if calibrator is not None and calibrator.has_data:  # a calibrating call ended: fit it now
+            with contextlib.suppress(ValueError):  # too little recorded: the next run calibrates again
+                handle.runtime.finish_calibration()
+        if config is not None and config.trigger.needs_calibration and not handle.config.trigger.needs_calibration:
+            record.calibrated.setdefault(record.key, {})[name] = handle.config
+        caching.remove_cache(model)
+
+
+def _install_branch_hooks(pipe: Any, record: Applied) -> None:
+    guidance = record.resolved.stack.guidance
+    for _, model in record.denoisers:
+        hook = GuidanceBranchHook(pipe, batched=record.batched, guidance_on=guidance.has_uncond_pass,
+                                  uncond_interval=guidance.uncond_interval,
+                                  on_uncond=functools.partial(_on_uncond, weakref.ref(pipe)))
+        record.installed.append(install_hook(model, hook, "stack-branches"))
+        record.branch_hooks.append(hook)
+        registry = getattr(model, "_diffusers_hook", None)
+        if registry is not None:
+            registry.invalidate_child_registries_cache()
+
+
+def _uninstall_branch_hooks(record: Applied) -> None:
+    uninstall_hooks(record.installed)
+    record.installed.clear()
+    record.branch_hooks.clear()
+
+
+def _switch(pipe: Any, record: Applied, steps: int, mode: str) -> None:
+    """Makes the installed stack the one resolved for (steps, mode), reinstalling the cache if it differs."""
+    if (steps, mode) == record.key:
+        return
+    resolved = _resolve_call(record, steps, mode)
+    config = resolved.cache_config()
+    calibrates = config is not None and config.trigger.needs_calibration  # a calibration fits one run only
+    if resolved.stack.cache != record.resolved.stack.cache or calibrates:
+        _uninstall_branch_hooks(record)
+        _remove_caches(record)
+        record.key, record.resolved = (steps, mode), resolved
+        _install_caches(record, resolved)
+        _install_branch_hooks(pipe, record)
+    else:
+        record.key, record.resolved = (steps, mode), resolved
+    for hook in record.branch_hooks:
+        hook.uncond_interval = resolved.stack.guidance.uncond_interval
+
+
+def _call_mode(pipe: Any, record: Applied) -> str:
+    """The guidance mode of the call about to run, as far as the pipeline says before it runs."""
+    if not guidance_active(pipe, record.stack.guidance.has_uncond_pass):
+        return "none"
+    return "batched" if record.batched else "separate"
+
+
+def _on_new_call(pipe_ref: "weakref.ref", scheduler: AccelScheduler) -> None:
+    """AccelScheduler.set_timesteps listener: resolves the stack for the call that starts."""
+    pipe = pipe_ref()
+    record = _APPLIED.get(pipe) if pipe is not None else None
+    if record is None or scheduler is not record.accel_scheduler:
+        return
+    _switch(pipe, record, int(scheduler.num_inference_steps), _call_mode(pipe, record))
+
+
+def _ignoring_full_branches(plan: Any) -> Any:
+    if plan is None:
+        return None
+    return plan.preset, {k: v for k, v in plan.params.items() if k != "full_branches"}, plan.scope
+
+
+def _on_uncond(pipe_ref: "weakref.ref") -> None:
+    """Branch-hook callback: an uncond call is about to run. A pipeline that runs CFG without
+    saying so beforehand (FLUX's true_cfg_scale) is resolved again, in place: only the cache's
+    full branches and CFG reuse can change, and neither needs the hooks reinstalled."""
+    pipe = pipe_ref()
+    record = _APPLIED.get(pipe) if pipe is not None else None
+    if record is None or record.key[1] == "separate":
+        return
+    resolved = _resolve_call(record, record.key[0], "separate")
+    old, new = record.resolved.stack.cache, resolved.stack.cache
+    if _ignoring_full_branches(old) != _ignoring_full_branches(new):
+        raise StackError("this call runs classifier-free guidance the stack did not expect and its cache would "
+                         "change; apply the stack with guidance.scale > 1 (or guidance.distilled=false)")
+    branches = tuple(new.build().full_branches) if new is not None else ()
+    for handle in record.caches.values():
+        handle.config.full_branches = branches
+    for hook in record.branch_hooks:
+        hook.uncond_interval = resolved.stack.guidance.uncond_interval
+    record.key, record.resolved = (record.key[0], "separate"), resolved
+
+
+# ---------------------------------------------------------------------------------------- apply
 
 
 def apply(pipe: Any, stack_or_recipe: Any) -> ResolvedStack:
@@ -302,35 +327,40 @@ def apply(pipe: Any, stack_or_recipe: Any) -> ResolvedStack:
 
     Args:
         pipe: a diffusers pipeline with a `transformer` or a `unet`.
-        stack_or_recipe: a Stack, or a recipe (accel.recipe schema) to build one from.
+        stack_or_recipe: a Stack, a recipe (accel.recipe schema), a shipped recipe name
+            (e.g. "templates/flux-dev") or a recipe YAML path.
 
     Returns:
         The resolved stack; print `.describe()`, save `.to_dict()` beside results.
 
     Raises:
         StackError: the stack cannot work on this pipeline (nothing is changed then), or the
-            pipeline already has a stack or LoRA adapters.
+            pipeline already has a stack, or LoRA adapters while the stack brings its own.
+        RecipeError: a recipe name or file that does not load.
     """
     if pipe in _APPLIED:
         raise StackError(f"{type(pipe).__name__} already has a stack applied; call accel.remove(pipe) first")
-    stack = _as_stack(stack_or_recipe)
-    resolved = resolve(stack, run_info_for(pipe, stack))
-    _, denoiser = _denoiser(pipe)
-    if resolved.stack.adapters and getattr(denoiser, "peft_config", None):
-        raise StackError(f"{type(pipe).__name__} already has LoRA adapters {sorted(denoiser.peft_config)}; unload "
+    stack, placement = stack_and_placement(stack_or_recipe)
+    denoisers = _denoisers(pipe)
+    base_run = run_info_for(pipe, stack)
+    resolved = resolve(stack, base_run)
+    primary = denoisers[0][1]
+    if resolved.stack.adapters and getattr(primary, "peft_config", None):
+        raise StackError(f"{type(pipe).__name__} already has LoRA adapters {sorted(primary.peft_config)}; unload "
                          "them (pipe.unload_lora_weights()) or list them in the stack's adapters")
     scheduler = _new_scheduler(pipe, resolved.stack)
-    objects = [pipe, *(getattr(pipe, name) for name in _lora_components(pipe)), denoiser]
-    record = Applied(resolved, denoiser, pipe.scheduler, attributes=[(o, set(vars(o))) for o in objects],
-                     had_forward="forward" in vars(denoiser))
+    record = Applied(stack, resolved, denoisers, pipe.scheduler, scheduler, base_run,
+                     batched=not _separate_branches(type(pipe)),
+                     key=(resolved.run.num_steps, resolved.run.guidance), resolutions={},
+                     had_forward={name: "forward" in vars(model) for name, model in denoisers})
+    record.resolutions[record.key] = resolved
     try:
+        record.moved_from = place_pipeline(pipe, primary, placement)
         if resolved.stack.adapters:
-            _load_adapters(pipe, record)
-        config = resolved.cache_config()
-        if config is not None:
-            record.cache = caching.apply_cache(denoiser, config)
-        if config is not None or resolved.stack.guidance.uncond_interval > 1:
-            _install_branch_hook(pipe, record)
+            load_adapters(pipe, resolved.stack.adapters, record.adapters)
+        _install_caches(record, resolved)
+        _install_branch_hooks(pipe, record)
+        scheduler.generation_listeners.append(functools.partial(_on_new_call, weakref.ref(pipe)))
         pipe.scheduler = scheduler
     except Exception:
         _undo(pipe, record)
@@ -342,36 +372,50 @@ def apply(pipe: Any, stack_or_recipe: Any) -> ResolvedStack:
 
 def _undo(pipe: Any, record: Applied) -> None:
     """Reverses apply's steps in reverse order (also after a partial apply)."""
-    uninstall_hooks(record.installed)
-    if record.cache is not None:
-        caching.remove_cache(record.denoiser)
-    if record.lora_components:
-        pipe.unfuse_lora(components=record.lora_components)
-    if record.adapter_names:
-        pipe.unload_lora_weights()
-    with torch.no_grad():
-        for param, value in record.saved_weights:
-            param.copy_(value.to(param.device))
-    for obj, before in record.attributes:
-        for name in LORA_ATTRIBUTES:
-            if name not in before:
-                vars(obj).pop(name, None)
-    registry = getattr(record.denoiser, "_diffusers_hook", None)
-    if not record.had_forward and (registry is None or not registry.hooks):
-        vars(record.denoiser).pop("forward", None)
-    if pipe.scheduler is not record.scheduler:
+    if pipe.scheduler is record.accel_scheduler:
         pipe.scheduler = record.scheduler
+    elif pipe.scheduler is not record.scheduler:
+        logger.info("accel.remove: left the scheduler set after apply (%s) in place",
+                    type(pipe.scheduler).__name__)
+    _uninstall_branch_hooks(record)
+    _remove_caches(record)
+    unload_adapters(pipe, record.adapters)
+    for name, model in record.denoisers:
+        registry = getattr(model, "_diffusers_hook", None)
+        if not record.had_forward.get(name, False) and (registry is None or not registry.hooks):
+            vars(model).pop("forward", None)
+    if record.moved_from is not None:
+        pipe.to(record.moved_from)
 
 
 def remove(pipe: Any) -> None:
-    """Removes the stack applied to `pipe`, restoring scheduler, weights and hooks exactly."""
-    record = _APPLIED.pop(pipe, None)
+    """Removes the stack applied to `pipe`, restoring scheduler, weights, device and hooks exactly.
+
+    Raises:
+        StackError: the user loaded LoRA adapters after apply while the stack's adapters are fused
+            (nothing is changed then; the message names what to delete first).
+    """
+    record = _APPLIED.get(pipe)
     if record is None:
         logger.warning("%s has no stack applied; nothing to remove", type(pipe).__name__)
         return
+    check_removable(pipe, record.adapters)
+    del _APPLIED[pipe]
     _undo(pipe, record)
 
 
 def applied(pipe: Any) -> Applied | None:
-    """The record of the stack applied to `pipe` (resolved stack, cache handle, hook), or None."""
+    """The record of the stack applied to `pipe` (resolved stack, cache handles, hooks), or None."""
     return _APPLIED.get(pipe)
+
+
+def summary(pipe: Any) -> StackSummary:
+    """What the stack did in the pipeline's latest call (see accel.stack_summary.StackSummary).
+
+    Raises:
+        StackError: no stack is applied to `pipe`.
+    """
+    record = _APPLIED.get(pipe)
+    if record is None:
+        raise StackError(f"{type(pipe).__name__} has no stack applied; call accel.apply(pipe, ...) first")
+    return summarize(type(pipe).__name__, record.resolved, dict(record.caches), list(record.branch_hooks))

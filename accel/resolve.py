@@ -110,7 +110,10 @@ class ResolvedStack:
 
     def describe(self) -> str:
         """The stack, then one line per decision."""
-        lines = [self.stack.describe(), f"resolved for {self.run.owner}, {self.run.num_steps} steps:"]
+        guidance = {"none": "no uncond pass", "separate": "cond and uncond calls",
+                    "batched": "cond and uncond in one batched call"}[self.run.guidance]
+        lines = [self.stack.describe(),
+                 f"resolved for {self.run.owner}, {self.run.num_steps} steps, guidance: {guidance}:"]
         return "\n".join(lines + [f"  {line}" for line in self.decisions])
 
     def save(self, path: str | Path) -> Path:
@@ -203,6 +206,10 @@ def guidance_distilled(stack: Stack, run: RunInfo) -> Decision:
     guidance = stack.guidance
     if not guidance.distilled:
         return stack, []
+    if run.guidance != "none":
+        return stack, [f"guidance: the model is guidance-distilled, but this call runs classifier-free guidance as "
+                       f"well ({run.guidance} cond / uncond calls, e.g. FLUX's true_cfg_scale) -> one cache state "
+                       "per branch"]
     if guidance.uncond_interval > 1:
         raise StackError(f"guidance.distilled with guidance.uncond_interval={guidance.uncond_interval}: a "
                          "guidance-distilled model has no uncond pass to reuse; set guidance.uncond_interval=1")

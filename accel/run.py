@@ -11,6 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 from accel import measure
 from accel.distributed import is_main_process, process_state, wait_for_everyone
 from accel.execute import (Evaluator, add_speedups, build_inputs, load_embedded_model, measure_plan, measure_stack,
+                           model_device,
                            model_folder, plan_from, reference_cache_key, reference_denoiser, reference_guidance)
 from accel.recipe import to_yaml
 from accel.report import format_table, markdown_table, save_grid
@@ -23,7 +24,7 @@ def run_recipe(recipe: DictConfig) -> dict | None:
     measures, writes and returns the summary, the others return None.
     """
     torch.manual_seed(recipe.inputs.seed)
-    model = load_embedded_model(recipe.model.name, recipe.model.device)
+    model = load_embedded_model(recipe.model.name, model_device(recipe))
     denoiser = reference_denoiser(recipe, model)
     inputs = build_inputs(recipe)
     ref_plan = plan_from(recipe.eval.reference)

@@ -22,6 +22,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from step_context import StepContext, current_step
 
+from . import flops as _quantized_flop_formulas  # noqa: F401  (registers them)
 from .calibration import Calibrator
 from .config import CacheConfig, RunSchedule
 from .stats import CacheStats, FlopTable

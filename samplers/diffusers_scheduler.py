@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 
 import numpy as np
 import torch
@@ -103,6 +103,9 @@ class AccelScheduler(SchedulerMixin, ConfigMixin):
         self._core = None
         self._step_index: int | None = None
         self._generation = 0
+        # Called with this scheduler at the end of every set_timesteps, i.e. once per pipeline
+        # call, after the walk is built (accel.apply resolves its stack for the call's step count).
+        self.generation_listeners: list[Callable[["AccelScheduler"], None]] = []
 
     @classmethod
     def from_config(cls, config=None, return_unused_kwargs: bool = False, **kwargs):
@@ -210,6 +213,8 @@ class AccelScheduler(SchedulerMixin, ConfigMixin):
                                       dtype=torch.float32, device=device)
         self.num_inference_steps = num_inference_steps
         self._core, self._step_index, self._generation = None, 0, new_generation()
+        for listener in self.generation_listeners:
+            listener(self)
         self._publish()
 
     def _publish(self) -> None:

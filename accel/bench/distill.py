@@ -28,6 +28,7 @@ from tqdm import tqdm
 from accel.bench import _distill_report as report
 from accel.embedded.model import WEIGHTS_DIR
 from accel.execute import (Evaluator, add_speedups, build_inputs, load_embedded_model, measure_plan, measure_stack,
+                           model_device,
                            plan_from, reference_denoiser, reference_guidance)
 from accel.recipe import load_recipe
 from accel.adapter_files import read_adapter_metadata
@@ -147,7 +148,7 @@ def run(quick: bool, json_path: Path | None, out_dir: Path) -> list[dict]:
     out_dir.mkdir(parents=True, exist_ok=True)
     mode = "quick" if quick else "full"
     recipe = base_recipe(quick)
-    model = load_embedded_model(recipe.model.name, recipe.model.device)
+    model = load_embedded_model(recipe.model.name, model_device(recipe))
     inputs = build_inputs(recipe)
     evaluate = Evaluator(recipe, inputs.labels)
     print(f"accel bench distill ({mode}): {len(inputs.labels)} samples (seed {recipe.inputs.seed}), 50-step Euler "

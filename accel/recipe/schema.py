@@ -16,8 +16,8 @@ class ModelConfig:
     """Which model to run."""
 
     name: str = "flux-digits"  # an embedded model name, or a local diffusers folder
-    dtype: str = "float32"  # float32 | bfloat16 | float16
-    device: str = "cpu"  # cpu | cuda | cuda:N
+    dtype: Optional[str] = None  # float32 | bfloat16 | float16; null: as loaded (embedded models: float32)
+    device: Optional[str] = None  # cpu | cuda | cuda:N; null: where the pipeline is (embedded models: cpu)
 
 
 @dataclass

@@ -38,8 +38,9 @@ def _check_model(model: DictConfig) -> None:
     if model.name not in EMBEDDED_MODELS and not Path(model.name).is_dir() and not is_hub_id(model.name):
         raise RecipeError(f"model.name: {model.name!r} is neither an embedded model "
                           f"({', '.join(EMBEDDED_MODELS)}), a local folder nor a hub id 'owner/name'")
-    _choice("model.dtype", model.dtype, DTYPES)
-    if not (model.device == "cpu" or model.device.startswith("cuda")):
+    if model.dtype is not None:
+        _choice("model.dtype", model.dtype, DTYPES)
+    if model.device is not None and not (model.device == "cpu" or model.device.startswith("cuda")):
         raise RecipeError(f"model.device: {model.device!r}; use cpu, cuda or cuda:N")
 
 

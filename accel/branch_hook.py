@@ -1,0 +1,134 @@
+"""The hook `accel.apply` puts on each denoiser: it marks guidance branches, reuses the uncond
+branch when the stack asks, counts calls per branch and tells the stack which branches run.
+
+diffusers pipelines that evaluate the branches separately wrap each call in
+`model.cache_context("cond" | "uncond")`; the hook receives that name through a diffusers
+`StateManager` and publishes it with `step_context.guidance_branch`, so caches keep one state per
+branch. Pipelines that concatenate cond and uncond are marked "batched" while guidance is on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import weakref
+from collections import Counter
+from typing import Any, Callable
+
+import torch
+from diffusers.hooks import ModelHook
+from diffusers.hooks.hooks import StateManager
+
+from step_context import current_step, guidance_branch
+
+
+class _PipelineCallName(StateManager):
+    """Receives the name a diffusers pipeline gives a denoiser call (`model.cache_context(name)`)."""
+
+    def __init__(self) -> None:
+        super().__init__(dict)
+
+    @property
+    def name(self) -> str | None:
+        return None if self._context is None else self._context.name
+
+
+def first_tensor(output: Any) -> torch.Tensor:
+    """The prediction of a denoiser output (a tuple, or a diffusers output with `.sample`)."""
+    return output[0] if isinstance(output, (tuple, list)) else output.sample
+
+
+def _with_first_tensor(output: Any, tensor: torch.Tensor) -> Any:
+    if isinstance(output, (tuple, list)):
+        return (tensor, *output[1:])
+    return type(output)(**{**output, "sample": tensor})
+
+
+def guidance_active(pipe: Any, assumed: bool) -> bool:
+    """Whether a pipeline runs classifier-free guidance now: its `do_classifier_free_guidance`
+    property where it has one, else what the stack assumes."""
+    if pipe is not None and isinstance(getattr(type(pipe), "do_classifier_free_guidance", None), property):
+        with contextlib.suppress(AttributeError, TypeError):
+            return bool(pipe.do_classifier_free_guidance)
+    return assumed
+
+
+class GuidanceBranchHook(ModelHook):
+    """Marks each denoiser call with its guidance branch; optionally reuses the uncond branch.
+
+    The branch is the name the pipeline gives the call ("cond" / "uncond"), or "batched" when the
+    pipeline batches both branches into one call and guidance is on. With `uncond_interval` k > 1,
+    the uncond branch is computed at steps 0, k, 2k, ... and elsewhere returns this step's cond
+    output plus the latest computed (uncond - cond).
+
+    Args:
+        pipe: the pipeline (held weakly), for its `do_classifier_free_guidance`.
+        batched: whether the pipeline batches cond and uncond.
+        guidance_on: whether the stack assumes CFG (used when the pipeline does not say).
+        uncond_interval: compute the uncond branch every this many steps.
+        on_uncond: called once per generation, before the first uncond call runs (the stack
+            learns that this call runs CFG, e.g. FLUX's `true_cfg_scale`).
+    """
+
+    _is_stateful = True
+
+    def __init__(self, pipe: Any, *, batched: bool, guidance_on: bool, uncond_interval: int,
+                 on_uncond: Callable[[], None] | None = None) -> None:
+        super().__init__()
+        self.call_name = _PipelineCallName()
+        self._pipe = weakref.ref(pipe)
+        self.batched, self.guidance_on = batched, guidance_on
+        self.uncond_interval = uncond_interval
+        self.on_uncond = on_uncond
+        self.reused_calls = 0
+        self.calls: Counter[str] = Counter()  # calls of the latest generation, per branch
+        self._generation: int | None = None
+        self._uncond_seen = False
+        self._cond: tuple[tuple, Any] | None = None  # ((generation, step, stage), cond output)
+        self._delta: tuple[int, torch.Tensor] | None = None  # (generation, uncond - cond)
+
+    def branch(self) -> str | None:
+        """The guidance branch of the call in progress (None: leave the default, "cond")."""
+        name = self.call_name.name
+        if name in ("cond", "uncond"):
+            return name
+        if self.batched and guidance_active(self._pipe(), self.guidance_on):
+            return "batched"
+        return None
+
+    def _count(self, context: Any, branch: str | None) -> None:
+        generation = None if context is None else context.generation
+        if generation != self._generation:
+            self._generation, self._uncond_seen = generation, False
+            self.calls, self.reused_calls = Counter(), 0
+        self.calls[branch or "cond"] += 1
+        if branch == "uncond" and not self._uncond_seen:
+            self._uncond_seen = True
+            if self.on_uncond is not None:
+                self.on_uncond()
+
+    def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        branch, context = self.branch(), current_step()
+        self._count(context, branch)
+        with guidance_branch(branch) if branch is not None else contextlib.nullcontext():
+            if branch == "uncond" and self.uncond_interval > 1 and context is not None:
+                return self._uncond(context, args, kwargs)
+            output = self.fn_ref.original_forward(*args, **kwargs)
+        if branch == "cond" and self.uncond_interval > 1 and context is not None:
+            self._cond = ((context.generation, context.step_index, context.stage), output)
+        return output
+
+    def _uncond(self, context: Any, args: tuple, kwargs: dict) -> Any:
+        key = (context.generation, context.step_index, context.stage)
+        cond = self._cond[1] if self._cond is not None and self._cond[0] == key else None
+        delta = self._delta[1] if self._delta is not None and self._delta[0] == context.generation else None
+        if cond is not None and delta is not None and context.step_index % self.uncond_interval != 0:
+            self.reused_calls += 1
+            return _with_first_tensor(cond, first_tensor(cond) + delta)
+        output = self.fn_ref.original_forward(*args, **kwargs)
+        if cond is not None:
+            self._delta = (context.generation, first_tensor(output) - first_tensor(cond))
+        return output
+
+    def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
+        self._cond = self._delta = None
+        return module
