@@ -207,9 +207,11 @@ def _separate_branches(pipeline_class: type) -> bool:
 
 
 def _scheduler_config(pipe: Any) -> dict[str, Any]:
-    """The pipeline scheduler's config, limited to what AccelScheduler reads (no noise about the rest)."""
-    accepted = set(inspect.signature(AccelScheduler.__init__).parameters)
-    return {k: v for k, v in pipe.scheduler.config.items() if k in accepted or k == "_class_name"}
+    """The pipeline scheduler's whole config with its class name (a scheduler built in code has none).
+
+    AccelScheduler.from_config keeps it as `native_config`, the walk of `schedule: auto`.
+    """
+    return {**pipe.scheduler.config, "_class_name": type(pipe.scheduler).__name__}
 
 
 def run_info_for(pipe: Any, stack: Stack) -> RunInfo:
@@ -252,9 +254,15 @@ def _as_stack(stack_or_recipe: Any) -> Stack:
 
 def _new_scheduler(pipe: Any, stack: Stack) -> AccelScheduler:
     sampler = stack.sampler
-    return AccelScheduler.from_config(_scheduler_config(pipe), solver=sampler.solver, schedule=sampler.schedule,
-                                      schedule_options=dict(sampler.schedule_params) or None,
-                                      solver_options=dict(sampler.solver_params) or None)
+    try:
+        scheduler = AccelScheduler.from_config(_scheduler_config(pipe), solver=sampler.solver,
+                                               schedule=sampler.schedule,
+                                               schedule_options=dict(sampler.schedule_params) or None,
+                                               solver_options=dict(sampler.solver_params) or None)
+    except ValueError as error:
+        raise StackError(f"{type(pipe).__name__}'s scheduler: {str(error).splitlines()[0]}") from None
+    logger.info("%s: %s walks %s", type(pipe).__name__, sampler.solver, scheduler.describe())
+    return scheduler
 
 
 def _lora_components(pipe: Any) -> list[str]:
