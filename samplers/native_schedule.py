@@ -54,6 +54,10 @@ def native_class(config: Mapping | None) -> type | None:
     return None
 
 
+def _without_private(config: Mapping) -> dict:
+    return {key: value for key, value in config.items() if key == "_class_name" or not key.startswith("_")}
+
+
 def _set_timesteps_arguments(cls: type, num_inference_steps: int | None, sigmas, mu, timesteps) -> dict:
     """The arguments the pipeline passed, limited to those the native `set_timesteps` accepts."""
     accepted = inspect.signature(cls.set_timesteps).parameters
@@ -104,7 +108,7 @@ def native_walk(config: Mapping, schedule, *, num_inference_steps: int | None = 
     if cls is None:
         raise ValueError(f"schedule 'auto' follows the pipeline's scheduler, but {name!r} is not a diffusers "
                          "scheduler; name a schedule (sampler.schedule: flow, flux, karras, ...)")
-    native = cls.from_config({k: v for k, v in config.items() if k != "_use_default_values"})
+    native = cls.from_config(_without_private(config))
     try:
         native.set_timesteps(**_set_timesteps_arguments(cls, num_inference_steps, sigmas, mu, timesteps))
     except (ValueError, TypeError) as error:
@@ -171,8 +175,12 @@ def describe_native(config: Mapping, family: str) -> str:
     E.g. "flow, shift 3.0 (from the pipeline's FlowMatchEulerDiscreteScheduler)" or
     "vp, karras sigmas, leading spacing (from the pipeline's EulerDiscreteScheduler)".
     """
+    cls = native_class(config)
+    if cls is not None:  # with the class's defaults for the keys the config leaves out
+        config = {**cls.from_config(_without_private(config)).config, "_class_name": config["_class_name"]}
     parts = _flow_parts(config) if family == "flow" else []
-    parts += [text for key, text in _SIGMA_KINDS.items() if config.get(key)]
-    if family != "flow":
+    kinds = [text for key, text in _SIGMA_KINDS.items() if config.get(key)]
+    parts += kinds
+    if family != "flow" and not kinds:  # spacing and offset only matter to timestep-spaced walks
         parts += _vp_parts(config)
     return f"{family}, {', '.join(parts) or 'default spacing'} (from the pipeline's {config.get('_class_name')})"
