@@ -122,7 +122,7 @@ def native_walk(config: Mapping, schedule, *, num_inference_steps: int | None = 
             levels = 1.0 - levels
     else:
         top = schedule.num_train_timesteps - 1
-        if len(times) and (times.min() < 0 or times.max() > top):
+        if config.get("timestep_type") == "continuous" or (len(times) and (times.min() < 0 or times.max() > top)):
             raise ValueError(f"{name}'s timesteps {times.tolist()} are not DDPM timesteps in [0, {top}]; "
                              "name a schedule (sampler.schedule: karras, logsnr, timestep)")
         levels = _vp_sigmas(times, schedule)
