@@ -1,12 +1,12 @@
 """Every registered solver and schedule as a drop-in diffusers scheduler.
 
-    pipe.scheduler = AccelScheduler.from_config(pipe.scheduler.config, solver="unipc_bh2")
+    pipe.scheduler = AccelScheduler.from_config(pipe.scheduler, solver="unipc_bh2")
 
 works in FluxPipeline, StableDiffusion3Pipeline, StableDiffusionPipeline, WanPipeline and their
-img2img / inpainting variants. On `schedule="auto"` the solver walks exactly the pipeline's own
-scheduler's levels and timesteps (samplers.native_schedule), which the config keeps whole as
-`native_config`. The scheduler runs the solver's own core generator (samplers.loop): `timesteps` lists one entry per
-model evaluation (a two-evaluation solver such as Heun repeats levels, like diffusers' Heun
+img2img / inpainting variants. On `schedule="auto"` the solver walks exactly the levels and
+timesteps of the pipeline's own scheduler (samplers.native_schedule), whose config it keeps whole
+as `native_config`. The scheduler runs the solver's own core generator (samplers.loop):
+`timesteps` lists one entry per model evaluation (a two-evaluation solver such as Heun repeats levels, like diffusers' Heun
 schedulers), `sigmas[i]` is the noise level of evaluation i (plus the final level, as diffusers'
 schedulers end theirs), each `step()` feeds one model output and returns the point of the next
 evaluation, and multistep history lives in the generator across calls. The walk the solver steps
@@ -50,7 +50,6 @@ def plan_evaluations(spec: SolverSpec, sigmas: torch.Tensor, schedule, options: 
         plan.append(Evaluation(torch.empty(0), request.sigma, request.step_index, request.stage))
         request, _ = advance(core, zero)
     return plan
-
 
 
 def _given_count(sigmas, timesteps) -> int | None:
@@ -327,13 +326,19 @@ class AccelScheduler(SchedulerMixin, ConfigMixin):
         # CogView4, Cosmos); like diffusers' Heun schedulers, both list one entry per evaluation.
         # An evaluation at a native level gets the native timestep; others the model's own map.
         self._plan_timesteps = [native_timesteps[p.sigma] if p.sigma in native_timesteps else
-                                model_timestep(self.model_schedule, p.sigma) for p in self._plan]
+                                self._model_timestep(p.sigma) for p in self._plan]
         self.sigmas = torch.tensor([p.sigma for p in self._plan] + [float(self.solver_sigmas[-1])],
                                    dtype=torch.float32)
         self.timesteps = torch.tensor(self._plan_timesteps, dtype=torch.float32, device=device)
         self.num_inference_steps = len(self.solver_sigmas) - 1
         self._core, self._step_index, self._begin_index, self._generation = None, 0, 0, new_generation()
         self._publish()
+
+    def _model_timestep(self, sigma: float) -> float:
+        """The model's timestep of a level off the native walk (1000 t; 1000 (1 - t) where inverted)."""
+        if self._inverted:
+            return (1 - sigma) * self.config.num_train_timesteps
+        return model_timestep(self.model_schedule, sigma)
 
     def _publish(self) -> None:
         request = self._plan[self._step_index]

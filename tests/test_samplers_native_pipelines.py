@@ -6,9 +6,9 @@ from typing import Any
 import pytest
 import torch
 from diffusers import (AutoencoderKL, CogView4Pipeline, CogView4Transformer2DModel, FlowMatchEulerDiscreteScheduler,
-                       FluxImg2ImgPipeline, FluxPipeline, PNDMScheduler, QwenImagePipeline,
-                       QwenImageTransformer2DModel, StableDiffusion3Pipeline, StableDiffusionImg2ImgPipeline,
-                       WanPipeline)
+                       FluxImg2ImgPipeline, FluxPipeline, MochiPipeline, MochiTransformer3DModel, PNDMScheduler,
+                       QwenImagePipeline, QwenImageTransformer2DModel, StableDiffusion3Pipeline,
+                       StableDiffusionImg2ImgPipeline, WanPipeline)
 
 import accel
 from accel.stack import SamplerPlan, Stack
@@ -84,6 +84,19 @@ def _qwenimage():
                       height=32, width=32)
 
 
+def _mochi():
+    """Mochi's scheduler inverts flow time: its model takes t = 0 as noise and predicts x0 - eps."""
+    torch.manual_seed(0)
+    transformer = MochiTransformer3DModel(patch_size=2, num_attention_heads=2, attention_head_dim=8, num_layers=1,
+                                          pooled_projection_dim=16, in_channels=4, text_embed_dim=16,
+                                          time_embed_dim=4, max_sequence_length=16)
+    pipe = MochiPipeline(scheduler=FlowMatchEulerDiscreteScheduler(invert_sigmas=True), vae=None, text_encoder=None,
+                         tokenizer=None, transformer=transformer.eval())
+    return pipe, dict(prompt_embeds=_embeds(1, 3, 16), prompt_attention_mask=torch.ones(1, 3),
+                      negative_prompt_embeds=_embeds(1, 3, 16, seed=1), negative_prompt_attention_mask=torch.ones(1, 3),
+                      height=32, width=32, num_frames=7, guidance_scale=2.0)
+
+
 def _flux_img2img():
     pipe = FluxImg2ImgPipeline(scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_DEV), vae=_vae(1), text_encoder=None,
                                tokenizer=None, text_encoder_2=None, tokenizer_2=None,
@@ -105,7 +118,7 @@ def _sd_img2img():
 
 
 BUILDERS = {"flux": _flux, "sd3": _sd3, "wan": _wan, "cogview4": _cogview4, "qwenimage": _qwenimage,
-            "flux-img2img": _flux_img2img, "sd-img2img": _sd_img2img}
+            "mochi": _mochi, "flux-img2img": _flux_img2img, "sd-img2img": _sd_img2img}
 
 
 def _load(kind: str, folder) -> tuple[Any, dict]:
@@ -134,7 +147,7 @@ def _run(pipe, kwargs: dict, steps: int = STEPS) -> tuple[torch.Tensor, list[flo
     return (out.frames if hasattr(out, "frames") else out.images), seen
 
 
-@pytest.mark.parametrize("kind", ["flux", "sd3", "wan", "cogview4", "qwenimage", "flux-img2img"])
+@pytest.mark.parametrize("kind", ["flux", "sd3", "wan", "cogview4", "qwenimage", "mochi", "flux-img2img"])
 def test_euler_on_auto_equals_the_pipelines_own_flow_match_euler(kind, tmp_path):
     pipe, kwargs = _load(kind, tmp_path)
     native, native_timesteps = _run(pipe, kwargs)
