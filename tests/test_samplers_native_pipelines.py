@@ -11,7 +11,8 @@ from diffusers import (AutoencoderKL, CogView4Pipeline, CogView4Transformer2DMod
                        StableDiffusionImg2ImgPipeline, WanPipeline)
 
 import accel
-from accel.stack import SamplerPlan, Stack
+import accel.pipeline
+from accel.stack import SamplerPlan, Stack, StackError
 from caching.testing import tiny_model
 from samplers import SOLVERS
 
@@ -192,3 +193,17 @@ def test_stable_diffusion_img2img_runs_from_the_native_timestep(solver, tmp_path
     # strength 0.6 of 5 steps starts at evaluation 2; PNDM lists 601 twice, so its own run starts there
     assert seen == [401.0, 201.0, 1.0] and native_timesteps == [601.0, 401.0, 201.0, 1.0]
     assert out.shape == (1, 4, 16, 16) and torch.isfinite(out).all()
+
+
+def test_auto_with_schedule_options_is_refused_before_anything_changes():
+    pipe, _ = _flux()
+    scheduler = pipe.scheduler
+    with pytest.raises(StackError, match="FluxPipeline's scheduler: schedule 'auto' walks the pipeline's "
+                                         "FlowMatchEulerDiscreteScheduler and takes no schedule options"):
+        accel.apply(pipe, Stack(SamplerPlan("euler", STEPS, schedule_params={"shift": 2.0})))
+    assert pipe.scheduler is scheduler and accel.pipeline.applied(pipe) is None
+    resolved = accel.apply(pipe, Stack(SamplerPlan("euler", STEPS, schedule="flow", schedule_params={"shift": 2.0})))
+    try:
+        assert pipe.scheduler.describe() == "flow, flow schedule (shift 2.0)" and resolved.stack.sampler.steps == STEPS
+    finally:
+        accel.remove(pipe)
