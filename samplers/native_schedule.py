@@ -107,7 +107,7 @@ def native_walk(config: Mapping, schedule, *, num_inference_steps: int | None = 
     name = config.get("_class_name")
     if cls is None:
         raise ValueError(f"schedule 'auto' follows the pipeline's scheduler, but {name!r} is not a diffusers "
-                         "scheduler; name a schedule (sampler.schedule: flow, flux, karras, ...)")
+                         "scheduler; use a named schedule (flow, flux, karras, ...)")
     native = cls.from_config(_without_private(config))
     try:
         native.set_timesteps(**_set_timesteps_arguments(cls, num_inference_steps, sigmas, mu, timesteps))
@@ -124,7 +124,7 @@ def native_walk(config: Mapping, schedule, *, num_inference_steps: int | None = 
         top = schedule.num_train_timesteps - 1
         if config.get("timestep_type") == "continuous" or (len(times) and (times.min() < 0 or times.max() > top)):
             raise ValueError(f"{name}'s timesteps {times.tolist()} are not DDPM timesteps in [0, {top}]; "
-                             "name a schedule (sampler.schedule: karras, logsnr, timestep)")
+                             "use a named schedule (karras, logsnr, timestep)")
         levels = _vp_sigmas(times, schedule)
     keep = np.ones(len(times), dtype=bool)
     keep[1:] = (times[1:] != times[:-1]) | (levels[1:] != levels[:-1])
@@ -133,7 +133,7 @@ def native_walk(config: Mapping, schedule, *, num_inference_steps: int | None = 
     ok = len(walk) >= 2 and bool((walk[1:] < walk[:-1]).all()) and float(walk[-1]) >= 0
     if not ok or (isinstance(schedule, FlowSchedule) and float(walk[0]) > 1):
         raise ValueError(f"{name} gives the walk {[round(v, 6) for v in walk.tolist()]}, not a strictly "
-                         f"decreasing {schedule.name} walk; name a schedule (sampler.schedule: ...)")
+                         f"decreasing {schedule.name} walk; use a named schedule (flow, karras, ...)")
     return NativeWalk(walk, torch.from_numpy(times).to(torch.float32))
 
 
