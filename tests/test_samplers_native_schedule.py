@@ -227,3 +227,14 @@ def test_scale_noise_and_add_noise_are_the_native_forward_process():
     torch.testing.assert_close(vp.add_noise(sample, noise, timesteps), ddpm.add_noise(sample, noise, timesteps),
                                rtol=1e-5, atol=1e-6)
     assert AccelScheduler.supports_partial_start("unipc_bh2") and not AccelScheduler.supports_partial_start("heun")
+
+
+def test_walks_that_are_not_model_walks_are_refused_in_one_line():
+    edm = dict(CONFIGS["sdxl"], prediction_type="v_prediction", timestep_type="continuous")
+    scheduler = AccelScheduler.from_config(edm, solver="euler")
+    with pytest.raises(ValueError, match=r"EulerDiscreteScheduler's timesteps .* are not DDPM timesteps in "
+                                         r"\[0, 999\]; use a named schedule") as info:
+        scheduler.set_timesteps(4)
+    assert "\n" not in str(info.value)
+    custom = AccelScheduler(native_config={"_class_name": "MySampler"})  # not a diffusers class: family default
+    assert custom.schedule_name == "flow" and "MySampler is not a diffusers scheduler" in custom.describe()
