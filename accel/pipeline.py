@@ -142,16 +142,21 @@ def _separate_branches(pipeline_class: type) -> bool:
 
 
 def _scheduler_config(pipe: Any) -> dict[str, Any]:
-    """The pipeline scheduler's config, limited to what AccelScheduler reads (no noise about the rest)."""
-    accepted = set(inspect.signature(AccelScheduler.__init__).parameters)
-    return {k: v for k, v in pipe.scheduler.config.items() if k in accepted or k == "_class_name"}
+    """The pipeline scheduler's whole config with its class name (a scheduler built in code has none).
+
+    AccelScheduler.from_config keeps it as `native_config`, the walk of `schedule: auto`.
+    """
+    return {**pipe.scheduler.config, "_class_name": type(pipe.scheduler).__name__}
 
 
 def run_info_for(pipe: Any, stack: Stack) -> RunInfo:
     """What `stack` is resolved against on `pipe`: its denoiser, prediction type and guidance calls."""
     _, denoiser = _denoiser(pipe)
+    sampler = stack.sampler
     try:
         probe = AccelScheduler.from_config(_scheduler_config(pipe), solver="euler", schedule="auto")
+        walk = AccelScheduler.from_config(_scheduler_config(pipe), solver="euler", schedule=sampler.schedule,
+                                          schedule_options=dict(sampler.schedule_params) or None)
     except ValueError as error:
         raise StackError(f"{type(pipe).__name__}'s scheduler: {str(error).splitlines()[0]}") from None
     try:
@@ -167,7 +172,8 @@ def run_info_for(pipe: Any, stack: Stack) -> RunInfo:
     return RunInfo(model_class=type(denoiser).__name__, model_kind=kind, prediction_type=probe.prediction,
                    num_steps=stack.sampler.steps, guidance=mode, num_blocks=num_blocks,
                    noise_family=probe.model_schedule.name, pipeline_class=type(pipe).__name__,
-                   supports_lora=hasattr(pipe, "load_lora_weights"))
+                   supports_lora=hasattr(pipe, "load_lora_weights"), schedule=walk.describe(),
+                   starts_mid_walk="strength" in inspect.signature(type(pipe).__call__).parameters)
 
 
 # ---------------------------------------------------------------------------------------- apply
@@ -175,9 +181,15 @@ def run_info_for(pipe: Any, stack: Stack) -> RunInfo:
 
 def _new_scheduler(pipe: Any, stack: Stack) -> AccelScheduler:
     sampler = stack.sampler
-    return AccelScheduler.from_config(_scheduler_config(pipe), solver=sampler.solver, schedule=sampler.schedule,
-                                      schedule_options=dict(sampler.schedule_params) or None,
-                                      solver_options=dict(sampler.solver_params) or None)
+    try:
+        scheduler = AccelScheduler.from_config(_scheduler_config(pipe), solver=sampler.solver,
+                                               schedule=sampler.schedule,
+                                               schedule_options=dict(sampler.schedule_params) or None,
+                                               solver_options=dict(sampler.solver_params) or None)
+    except ValueError as error:
+        raise StackError(f"{type(pipe).__name__}'s scheduler: {str(error).splitlines()[0]}") from None
+    logger.info("%s: %s walks %s", type(pipe).__name__, sampler.solver, scheduler.describe())
+    return scheduler
 
 
 def _denoisers(pipe: Any) -> list[tuple[str, torch.nn.Module]]:

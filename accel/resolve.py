@@ -55,6 +55,10 @@ class RunInfo:
         noise_family: "flow" or "vp"; None derives it from the prediction type.
         pipeline_class: the diffusers pipeline class, when there is one.
         supports_lora: whether adapters can be loaded.
+        schedule: the walk the sampler takes, in words (e.g. "flow, shift 3.0 (from the
+            pipeline's FlowMatchEulerDiscreteScheduler)"), when known.
+        starts_mid_walk: the pipeline may start denoising part way along the walk (img2img and
+            inpainting with strength < 1).
     """
 
     model_class: str
@@ -66,6 +70,8 @@ class RunInfo:
     noise_family: str | None = None
     pipeline_class: str | None = None
     supports_lora: bool = True
+    schedule: str | None = None
+    starts_mid_walk: bool = False
 
     def __post_init__(self) -> None:
         if self.guidance not in GUIDANCE_MODES:
@@ -150,8 +156,26 @@ def prediction_fits_solver(stack: Stack, run: RunInfo) -> Decision:
     except ValueError as error:
         raise StackError(f"sampler {sampler.solver} / {sampler.schedule} on {run.owner} "
                          f"({run.prediction_type}, {run.family}): {str(error).splitlines()[0]}") from None
-    return stack, [f"prediction: {run.prediction_type} ({run.family}) fits {sampler.solver} on schedule "
-                   f"{sampler.schedule}; the scheduler converts it to x0"]
+    lines = [f"prediction: {run.prediction_type} ({run.family}) fits {sampler.solver} on schedule "
+             f"{sampler.schedule}; the scheduler converts it to x0"]
+    if run.schedule is not None:
+        lines.append(f"schedule: {sampler.schedule} -> {run.schedule}")
+    return stack, lines
+
+
+def mid_walk_start_needs_one_evaluation(stack: Stack, run: RunInfo) -> Decision:
+    """img2img / inpainting start part way along the walk (strength < 1), which a solver with
+    several model evaluations per step cannot do: say so now; such a call is refused when it runs."""
+    if not run.starts_mid_walk:
+        return stack, []
+    spec = stack.sampler.spec
+    if spec.supports_partial_start:
+        return stack, [f"mid-walk-start: {run.owner} may start part way along the walk (strength < 1) -> "
+                       f"{spec.name} starts there with a fresh history"]
+    able = ", ".join(name for name, other in samplers.SOLVERS.items() if other.supports_partial_start)
+    return stack, [f"mid-walk-start: {spec.name} takes {spec.evals_per_step} model evaluations per step and cannot "
+                   f"start part way along the walk -> {run.owner} runs at strength 1 only (a call with strength < 1 "
+                   f"is refused; for those use one of: {able})"]
 
 
 def adapters_trained_for(stack: Stack, run: RunInfo) -> Decision:
@@ -353,7 +377,7 @@ def trajectory_fractions(stack: Stack, run: RunInfo) -> Decision:
 
 
 RULES: tuple[Rule, ...] = (
-    steps_match_run, prediction_fits_solver, adapters_trained_for, adapters_fuse_then_calibrate, guidance_distilled,
+    steps_match_run, prediction_fits_solver, mid_walk_start_needs_one_evaluation, adapters_trained_for, adapters_fuse_then_calibrate, guidance_distilled,
     guidance_branches, scope_fits_model, step_reuse_needs_steps, router_trained_for, multistep_needs_forecast,
     trajectory_fractions,
 )

@@ -67,6 +67,12 @@ class SolverSpec:
     predictions: tuple[str, ...] = PREDICTION_TYPES
     families: tuple[str, ...] = FAMILIES
 
+    @property
+    def supports_partial_start(self) -> bool:
+        """Whether a run can start mid-walk (img2img, inpainting): one evaluation per step, so each
+        entry of a scheduler's timesteps is the start of a step."""
+        return self.evals_per_step == 1
+
     def nfe(self, num_steps: int) -> int:
         """Exact model evaluations for `num_steps` steps of a schedule ending at 0 (per guidance branch)."""
         last = self.evals_per_step if self.last_step_evals is None else self.last_step_evals

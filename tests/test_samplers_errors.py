@@ -75,4 +75,15 @@ def test_scheduler_misuse():
     scheduler.set_timesteps(1)
     scheduler.step(torch.zeros(1, 2), scheduler.timesteps[0], torch.zeros(1, 2))
     _raises("all 1 timesteps are done; call set_timesteps", scheduler.step, torch.zeros(1, 2), 0.0, torch.zeros(1, 2))
-    _raises("starts at the first timestep only", scheduler.set_begin_index, 3)
+    _raises("begin_index 3 is past the 1 timesteps", scheduler.set_begin_index, 3)
+    _raises("begin_index must be an integer >= 0, got -1", scheduler.set_begin_index, -1)
+    heun = AccelScheduler(solver="heun")
+    heun.set_timesteps(4)
+    _raises("solver 'heun' takes 2 model evaluations per step and cannot start mid-walk .*; use one of: euler, ddim",
+            heun.set_begin_index, 2)
+    _raises("schedule 'auto' walks the pipeline's FlowMatchEulerDiscreteScheduler and takes no schedule options",
+            AccelScheduler, native_config={"_class_name": "FlowMatchEulerDiscreteScheduler"},
+            schedule_options={"shift": 2.0})
+    native = AccelScheduler(native_config={"_class_name": "FlowMatchEulerDiscreteScheduler",
+                                           "use_dynamic_shifting": True})
+    _raises("FlowMatchEulerDiscreteScheduler.set_timesteps: `mu` must be passed", native.set_timesteps, 4)

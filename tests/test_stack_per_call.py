@@ -147,3 +147,11 @@ def test_both_transformers_of_a_two_stage_wan_pipeline_are_cached(tmp_path):
     accel.remove(pipe)
     assert get_cache(pipe.transformer) is None and get_cache(pipe.transformer_2) is None
     assert torch.equal(tiny(12), before)
+
+
+def test_the_resolved_stack_states_the_schedule_it_derived_from_the_pipeline(tmp_path):
+    tiny = _load("sd3", tmp_path)
+    resolved = accel.apply(tiny.pipe, Stack(SamplerPlan("euler", 6), guidance=GuidancePlan(2.0)))
+    assert "schedule: auto -> flow, shift 3.0 (from the pipeline's FlowMatchEulerDiscreteScheduler)" in resolved.decisions
+    assert "guidance: cond and uncond in one batched call" in resolved.describe()
+    accel.remove(tiny.pipe)
