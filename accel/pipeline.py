@@ -40,7 +40,7 @@ from caching.hooks import InstalledHook, install_hook, uninstall_hooks
 from samplers.diffusers_scheduler import AccelScheduler
 from step_context import current_step, guidance_branch
 
-from accel.adapter_files import adapter_file
+from accel.adapter_files import check_adapter_file
 from accel.resolve import ResolvedStack, RunInfo, resolve
 from accel.stack import Stack, StackError
 
@@ -268,7 +268,7 @@ def _load_adapters(pipe: Any, record: Applied) -> None:
 
     adapters = record.resolved.stack.adapters
     for index, adapter in enumerate(adapters):
-        file = adapter_file(adapter.path)
+        file = check_adapter_file(adapter.path)
         name = f"{ADAPTER_PREFIX}{index}"
         pipe.load_lora_weights(str(file.parent), weight_name=file.name, adapter_name=name)
         record.adapter_names.append(name)
