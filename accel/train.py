@@ -277,6 +277,6 @@ def run_embedded_script(objective: str, args: argparse.Namespace, **params: Any)
     print(f"parameters: {trainable / 1e6:.2f}M", flush=True)
     result = train(built, config)
     if is_main_launch_process():
-        (out / "training.json").write_text(json.dumps(vars(args), default=str, indent=2))
+        write_text(out / "training.json", json.dumps(vars(args), default=str, indent=2))
         print(f"saved EMA weights to {out}; loss log {result.loss_log}", flush=True)
     return result
