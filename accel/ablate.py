@@ -103,7 +103,7 @@ def cell_config(recipe: DictConfig, cell: Cell) -> DictConfig:
                 value = OmegaConf.merge(OmegaConf.select(defaults, key), value)
             OmegaConf.update(result, key, value, merge=False)
         except OmegaConfBaseException as error:
-            raise RecipeError(f"ablation.axes.{key}: {value!r} does not fit: {str(error).splitlines()[0]}") from None
+            raise RecipeError(f"ablation.axes.{key}: {value!r} does not fit: {io.first_line(error)}") from None
     return result
 
 
@@ -153,7 +153,8 @@ class CellStore:
         try:
             return load_file(path)["images"]
         except (SafetensorError, OSError, KeyError) as error:
-            print(f"accel: {path} is unreadable ({error}); measuring it again", file=sys.stderr, flush=True)
+            print(f"accel: {path} is unreadable ({io.first_line(error)}); measuring it again", file=sys.stderr,
+                  flush=True)
             return None
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from accel.io import first_line
 from accel.stack import StackError
 
 # Safetensors metadata keys by which a distilled adapter names what it was trained for.
@@ -42,13 +43,8 @@ def read_adapter_metadata(path: str | Path) -> dict[str, str]:
         with safe_open(str(file), framework="pt") as handle:
             return dict(handle.metadata() or {})
     except (SafetensorError, OSError) as error:
-        raise StackError(f"adapter {str(file)!r}: not a readable safetensors file ({_first_line(error)}); "
+        raise StackError(f"adapter {str(file)!r}: not a readable safetensors file ({first_line(error)}); "
                          "give a diffusers LoRA .safetensors file") from None
-
-
-def _first_line(error: Exception) -> str:
-    lines = [line for line in str(error).splitlines() if line.strip()]
-    return lines[0] if lines else type(error).__name__
 
 
 def load_adapter_tensors(path: str | Path) -> dict:
@@ -66,7 +62,7 @@ def load_adapter_tensors(path: str | Path) -> dict:
         with safe_open(str(file), framework="pt") as handle:
             tensors = {name: handle.get_tensor(name) for name in handle.keys()}
     except (SafetensorError, OSError) as error:
-        raise StackError(f"adapter {str(file)!r}: cannot read its tensors ({_first_line(error)})") from None
+        raise StackError(f"adapter {str(file)!r}: cannot read its tensors ({first_line(error)})") from None
     if not tensors:
         raise StackError(f"adapter {str(file)!r}: holds no tensors")
     for name, tensor in tensors.items():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from accel.io import first_line
 from accel.recipe import RecipeError, find_recipe, load_recipe, to_yaml
 from accel.recipe.load import list_recipes
 
@@ -117,16 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _one_line(error: BaseException) -> str:
-    """The error's message as one line (its first non-empty line)."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return lines[0] if lines else type(error).__name__
-
-
 def _describe_os_error(error: OSError) -> str:
     """`<reason>: <path>` for an OSError that names its path, else its first line."""
     if error.filename is None:
-        return _one_line(error)
+        return first_line(error)
     paths = " -> ".join(str(name) for name in (error.filename, error.filename2) if name is not None)
     return f"{error.strerror or type(error).__name__}: {paths}"
 
@@ -146,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.handler(args)
     except ValueError as error:  # RecipeError, StackError and every validation error are ValueErrors
-        print(f"accel: error: {_one_line(error)}", file=sys.stderr)
+        print(f"accel: error: {first_line(error)}", file=sys.stderr)
         return 2
     except OSError as error:  # an unreadable or unwritable path
         print(f"accel: error: {_describe_os_error(error)}", file=sys.stderr)

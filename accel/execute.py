@@ -20,7 +20,7 @@ from accel.distributed import batch_slices, is_main_process, map_batches
 from accel.embedded import FLUX_DIGITS_DIR, JudgeFeatures, load_flux_digits, load_judge
 from accel.embedded.data import real_reference_set
 from accel.generate import SamplingPlan, flux_digits_denoiser, generate, sample_noise
-from accel.io import claim_folder, save_safetensors
+from accel.io import claim_folder, first_line, save_safetensors
 from accel.native import installed_adapters, installed_cache, plan_of, resolve_recipe
 
 
@@ -144,8 +144,8 @@ def _read_cached(cache_file: Path) -> tuple[torch.Tensor, int] | None:
         with safe_open(str(cache_file), framework="pt") as handle:
             images, flops = handle.get_tensor("images"), int(handle.metadata()["flops"])
     except (SafetensorError, OSError, KeyError, TypeError, ValueError) as error:
-        print(f"accel: {cache_file} is unreadable ({str(error).splitlines()[0] if str(error) else type(error).__name__}); "
-              "generating the reference again", file=sys.stderr, flush=True)
+        print(f"accel: {cache_file} is unreadable ({first_line(error)}); generating the reference again",
+              file=sys.stderr, flush=True)
         return None
     if not bool(torch.isfinite(images).all()):
         print(f"accel: {cache_file} holds non-finite images; generating the reference again", file=sys.stderr)

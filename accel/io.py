@@ -21,6 +21,12 @@ from typing import Any, Callable
 MARKER = ".accel-command"  # names the command that writes a results folder
 
 
+def first_line(error: BaseException) -> str:
+    """An error's message as one line: its first non-empty line, else the error's class name."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[0] if lines else type(error).__name__
+
+
 def _fsync_folder(folder: Path) -> None:
     try:
         handle = os.open(folder, os.O_RDONLY)

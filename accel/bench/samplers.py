@@ -199,7 +199,7 @@ def _read_reference(path: Path) -> torch.Tensor | None:
     try:
         return load_file(path)["images"]
     except (SafetensorError, OSError, KeyError) as error:
-        print(f"accel: {path} is unreadable ({error}); generating the reference again", file=sys.stderr)
+        print(f"accel: {path} is unreadable ({io.first_line(error)}); generating the reference again", file=sys.stderr)
         return None
 
 

@@ -12,6 +12,7 @@ from pathlib import Path
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
+from accel.io import first_line
 from accel.recipe import content
 from accel.recipe.schema import Recipe
 
@@ -106,19 +107,14 @@ def parse_overrides(overrides: list[str]) -> DictConfig:
         try:
             OmegaConf.from_dotlist([item])
         except (OmegaConfBaseException, yaml.YAMLError) as error:
-            raise RecipeError(f"cannot parse override {item!r}: {_first_line(error)} "
+            raise RecipeError(f"cannot parse override {item!r}: {first_line(error)} "
                               "(values are YAML, e.g. a.b=[1, 2] or a.b='text')") from None
     try:
         parsed = OmegaConf.from_dotlist(list(overrides))
     except OmegaConfBaseException as error:
-        raise RecipeError(f"cannot parse overrides {overrides}: {_first_line(error)}") from None
+        raise RecipeError(f"cannot parse overrides {overrides}: {first_line(error)}") from None
     content.check_data_only(parsed, "overrides")
     return parsed
-
-
-def _first_line(error: Exception) -> str:
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return lines[0] if lines else type(error).__name__
 
 
 def read_recipe_file(path: Path, mapping: bool = True) -> DictConfig | ListConfig:
@@ -133,7 +129,7 @@ def read_recipe_file(path: Path, mapping: bool = True) -> DictConfig | ListConfi
     try:
         loaded = OmegaConf.load(path)
     except (OSError, UnicodeDecodeError, yaml.YAMLError, OmegaConfBaseException) as error:
-        raise RecipeError(f"cannot read {path}: {_first_line(error)}") from None
+        raise RecipeError(f"cannot read {path}: {first_line(error)}") from None
     if isinstance(loaded, DictConfig) and len(loaded) == 0:
         raise RecipeError(f"{path} is empty; a recipe names at least its sections (see docs/recipes.md)")
     if mapping and not isinstance(loaded, DictConfig):
