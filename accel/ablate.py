@@ -16,18 +16,24 @@ import copy
 import hashlib
 import itertools
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from safetensors.torch import load_file, save_file
+from omegaconf.errors import OmegaConfBaseException
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 from tqdm import tqdm
 
+from accel import io
 from accel.ablation_report import write_ablation_outputs
 from accel.distributed import is_main_process, process_state, wait_for_everyone
-from accel.execute import (Evaluator, add_speedups, build_inputs, load_embedded_model, measure_plan, model_device,
-                           measure_stack, plan_from, reference_denoiser, reference_guidance, time_plan)
+from accel.execute import (Evaluator, add_speedups, check_adapters_fit, build_inputs, load_embedded_model, measure_plan,
+                           measure_stack, model_device, plan_from, prepare_run, reference_denoiser,
+                           reference_guidance, time_plan)
+from accel.recipe.load import RecipeError
 from accel.recipe.schema import Recipe
 from accel.recipe.validate import validate_recipe
 from accel.stack import StackError
@@ -83,14 +89,27 @@ def grid_cells(recipe: DictConfig) -> list[Cell]:
     return cells
 
 
-def cell_recipe(recipe: DictConfig, cell: Cell) -> DictConfig:
-    """The ablation recipe with the cell's overrides, validated."""
+def cell_config(recipe: DictConfig, cell: Cell) -> DictConfig:
+    """The ablation recipe with the cell's overrides, typed but not yet validated.
+
+    Raises:
+        RecipeError: an axis value of the wrong type for its key.
+    """
     result = copy.deepcopy(recipe)
     defaults = OmegaConf.structured(Recipe)
     for key, value in cell.overrides.items():
-        if isinstance(value, dict):  # a whole section: start from its schema defaults, not the old values
-            value = OmegaConf.merge(OmegaConf.select(defaults, key), value)
-        OmegaConf.update(result, key, value, merge=False)
+        try:
+            if isinstance(value, dict):  # a whole section: start from its schema defaults, not the old values
+                value = OmegaConf.merge(OmegaConf.select(defaults, key), value)
+            OmegaConf.update(result, key, value, merge=False)
+        except OmegaConfBaseException as error:
+            raise RecipeError(f"ablation.axes.{key}: {value!r} does not fit: {io.first_line(error)}") from None
+    return result
+
+
+def cell_recipe(recipe: DictConfig, cell: Cell) -> DictConfig:
+    """The ablation recipe with the cell's overrides, validated."""
+    result = cell_config(recipe, cell)
     validate_recipe(result)
     return result
 
@@ -112,25 +131,31 @@ class CellStore:
         (folder / "cells").mkdir(parents=True, exist_ok=True)
 
     def finished(self) -> dict[str, dict]:
+        """Finished records by cell key; a line cut short by an interruption is skipped (and said)."""
         records = {}
         for path in sorted(self.folder.glob("cells.rank*.jsonl")):
-            for line in path.read_text().splitlines():
-                if line.strip():
-                    record = json.loads(line)
+            for record in io.read_jsonl(path):
+                if "key" in record:
                     records[record["key"]] = record
         return records
 
     def add(self, record: dict, images: torch.Tensor | None) -> None:
         if images is not None:
-            save_file({"images": images.contiguous()}, self.folder / "cells" / f"{record['key']}.safetensors")
+            io.save_safetensors(self.folder / "cells" / f"{record['key']}.safetensors", {"images": images})
         rank = process_state().process_index
-        with open(self.folder / f"cells.rank{rank}.jsonl", "a") as handle:
-            handle.write(json.dumps(record, default=str) + "\n")
-            handle.flush()
+        io.append_jsonl(self.folder / f"cells.rank{rank}.jsonl", record, default=str)
 
     def images(self, key: str) -> torch.Tensor | None:
+        """The images saved for a cell (None when absent, or unreadable: said on stderr)."""
         path = self.folder / "cells" / f"{key}.safetensors"
-        return load_file(path)["images"] if path.is_file() else None
+        if not path.is_file():
+            return None
+        try:
+            return load_file(path)["images"]
+        except (SafetensorError, OSError, KeyError) as error:
+            print(f"accel: {path} is unreadable ({io.first_line(error)}); measuring it again", file=sys.stderr,
+                  flush=True)
+            return None
 
 
 def _reference(recipe, model, inputs, store: CellStore, retime: bool) -> tuple[dict, torch.Tensor]:
@@ -139,21 +164,22 @@ def _reference(recipe, model, inputs, store: CellStore, retime: bool) -> tuple[d
     compared with a reference timed on the same machine state; finished cells keep the speedups
     they were measured with."""
     path = store.folder / "reference.json"
-    if path.is_file() and store.images("reference") is not None:
+    stored, stored_images = io.read_json(path), store.images("reference")
+    if isinstance(stored, dict) and stored_images is not None:
         if retime:
             if is_main_process():
-                record = json.loads(path.read_text())
-                record["wall_seconds"] = time_plan(reference_denoiser(recipe, model),
+                stored["wall_seconds"] = time_plan(reference_denoiser(recipe, model),
                                                    plan_from(recipe.eval.reference), inputs, recipe)
-                path.write_text(json.dumps(record, default=str))
+                io.write_json(path, stored, default=str)
             wait_for_everyone()
-        return json.loads(path.read_text()), store.images("reference")
+            stored = io.read_json(path)
+        return stored, stored_images
     record, images = measure_plan("reference", "reference", plan_from(recipe.eval.reference),
                                   reference_denoiser(recipe, model), inputs, recipe,
                                   guidance_scale=reference_guidance(recipe))
     if is_main_process():
-        save_file({"images": images.contiguous()}, store.folder / "cells" / "reference.safetensors")
-        path.write_text(json.dumps(record, default=str))
+        io.save_safetensors(store.folder / "cells" / "reference.safetensors", {"images": images})
+        io.write_json(path, record, default=str)
     wait_for_everyone()
     return record, images
 
@@ -165,7 +191,7 @@ def _measure_cell(cell: Cell, recipe, model, inputs, reference, ref_images, eval
     except (StackError, ValueError) as error:
         return {**base, "skipped": str(error)}, None
     record.update(base)
-    add_speedups(record, reference).update(evaluate(images, ref_images))
+    add_speedups(record, reference).update(evaluate(images, ref_images, cell.label))
     record["family"] = family_of(record)
     return record, images
 
@@ -173,11 +199,14 @@ def _measure_cell(cell: Cell, recipe, model, inputs, reference, ref_images, eval
 def run_ablation(recipe: DictConfig) -> list[dict] | None:
     """Runs (or resumes) the grid and writes the outputs; returns all records on the main process."""
     state = process_state()
-    folder = Path(recipe.output.dir) / recipe.name
+    cells = grid_cells(recipe)
+    for cell in cells:  # every axis value fits its key, before any work
+        cell_config(recipe, cell)
+    folder = prepare_run(recipe, "accel ablate")
     store = CellStore(folder)
     model = load_embedded_model(recipe.model.name, model_device(recipe))
+    check_adapters_fit(recipe, model)
     inputs = build_inputs(recipe)
-    cells = grid_cells(recipe)
     done = store.finished()
     reference, ref_images = _reference(recipe, model, inputs, store, retime=any(c.key not in done for c in cells))
     evaluate = Evaluator(recipe, inputs.labels)

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import csv
-import json
+import io
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig
 
+from accel import io as files
 from accel import measure
 from accel.recipe import to_yaml
 from accel.report import format_table, markdown_table, save_grid
@@ -24,11 +25,12 @@ def _measured(records: list[dict]) -> list[dict]:
 
 
 def write_csv(path: Path, records: list[dict]) -> None:
-    with open(path, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=CSV_FIELDS, extrasaction="ignore")
-        writer.writeheader()
-        for record in records:
-            writer.writerow({k: record.get(k) for k in CSV_FIELDS})
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=CSV_FIELDS, extrasaction="ignore")
+    writer.writeheader()
+    for record in records:
+        writer.writerow({k: record.get(k) for k in CSV_FIELDS})
+    files.write_text(path, text.getvalue())
 
 
 def _frontier(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
@@ -67,7 +69,7 @@ def plot_pareto(path: Path, records: list[dict]) -> None:
         axis.grid(alpha=0.3)
     axes[0].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    files.save_figure(fig, path, dpi=110)
     plt.close(fig)
 
 
@@ -91,13 +93,13 @@ def save_ablation_grid(path: Path, records: list[dict], store, labels: torch.Ten
 def write_ablation_outputs(folder: Path, recipe: DictConfig, records: list[dict], store,
                            labels: torch.Tensor) -> None:
     """Writes ablation.json/.csv/.md, pareto.png and grid.png, and prints the table."""
-    (folder / "ablation.json").write_text(json.dumps({"name": recipe.name, "records": records}, indent=2,
-                                                     default=str))
+    files.write_json(folder / "ablation.json", {"name": recipe.name, "records": records}, indent=2, default=str)
     write_csv(folder / "ablation.csv", records)
     rows = [dict(r, label=f"{r['label']} [{r['kind']}]" + (" *" if r.get("beats_equal_flops_baseline") else ""))
             for r in _measured(records)]
     skipped = [f"- {r['label']}: {r['skipped']}" for r in records if "skipped" in r]
-    (folder / "ablation.md").write_text(
+    files.write_text(
+        folder / "ablation.md",
         f"# Ablation: {recipe.name}\n\n`*` marks stacks that beat the best fewer-steps baseline of equal or "
         f"lower FLOPs.\n\n{markdown_table(rows)}\n\n![pareto](pareto.png)\n\n![grid](grid.png)\n\n"
         + ("## Skipped\n\n" + "\n".join(skipped) + "\n\n" if skipped else "")

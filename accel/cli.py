@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from accel.io import first_line
 from accel.recipe import RecipeError, find_recipe, load_recipe, to_yaml
 from accel.recipe.load import list_recipes
 
@@ -74,9 +75,13 @@ def _recipes(args: argparse.Namespace) -> int:
 def _bench(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from accel.bench import run_suite
+    from accel.bench import SUITES, run_suite
+    from accel.io import claim_folder
 
+    if args.suite not in SUITES:
+        raise ValueError(f"unknown benchmark {args.suite!r}; choose one of: {', '.join(SUITES)}")
     out_dir = Path(args.out) if args.out else Path("runs") / f"bench-{args.suite}"
+    claim_folder(out_dir, f"accel bench {args.suite}")  # before any work: refuses another command's folder
     run_suite(args.suite, quick=args.quick, json_path=Path(args.json) if args.json else None, out_dir=out_dir)
     return 0
 
@@ -113,6 +118,14 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _describe_os_error(error: OSError) -> str:
+    """`<reason>: <path>` for an OSError that names its path, else its first line."""
+    if error.filename is None:
+        return first_line(error)
+    paths = " -> ".join(str(name) for name in (error.filename, error.filename2) if name is not None)
+    return f"{error.strerror or type(error).__name__}: {paths}"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # `accel run key=value` (no recipe): the first positional is an override, not a recipe.
@@ -127,8 +140,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.handler(args)
-    except (RecipeError, FileNotFoundError, ValueError) as error:
-        print(f"accel: error: {error}", file=sys.stderr)
+    except ValueError as error:  # RecipeError, StackError and every validation error are ValueErrors
+        print(f"accel: error: {first_line(error)}", file=sys.stderr)
+        return 2
+    except OSError as error:  # an unreadable or unwritable path
+        print(f"accel: error: {_describe_os_error(error)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("accel: interrupted", file=sys.stderr)

@@ -5,20 +5,22 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
-from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors import SafetensorError, safe_open
 from tqdm import tqdm
 
 from accel import measure
+from accel.adapter_files import check_adapter_fits
 from accel.distributed import batch_slices, is_main_process, map_batches
 from accel.embedded import FLUX_DIGITS_DIR, JudgeFeatures, load_flux_digits, load_judge
 from accel.embedded.data import real_reference_set
 from accel.generate import SamplingPlan, flux_digits_denoiser, generate, sample_noise
+from accel.io import claim_folder, first_line, save_safetensors
 from accel.native import installed_adapters, installed_cache, plan_of, resolve_recipe
 
 
@@ -48,14 +50,25 @@ def model_folder(name: str) -> Path:
     return FLUX_DIGITS_DIR if name == "flux-digits" else Path(name)
 
 
-def load_embedded_model(name: str, device: str):
-    """The embedded model by name, or a FluxDigits-layout folder (transformer/ + conditioner/)."""
+def refuse_hub_model(name: str) -> None:
+    """`accel run` / `accel ablate` run the embedded models and local folders, not hub models."""
     from accel.recipe.validate import is_hub_id
 
     if is_hub_id(name):
         raise ValueError(f"model.name: {name} is a hub model; `accel run`/`accel ablate` run the embedded models "
                          "(and local folders) — load the pipeline yourself and use accel.apply(pipe, recipe)")
+
+
+def load_embedded_model(name: str, device: str):
+    """The embedded model by name, or a FluxDigits-layout folder (transformer/ + conditioner/)."""
+    refuse_hub_model(name)
     return load_flux_digits(device=device) if name == "flux-digits" else load_flux_digits(name, device=device)
+
+
+def check_adapters_fit(recipe: DictConfig, model) -> None:
+    """Refuses (StackError) a recipe adapter whose LoRA shapes do not fit the model, before any work."""
+    for adapter in recipe.adapters:
+        check_adapter_fits(model.transformer, adapter.path, "transformer")
 
 
 def plan_from(section: DictConfig) -> SamplingPlan:
@@ -76,7 +89,14 @@ class Evaluator:
             real, _ = real_reference_set(recipe.eval.real_samples, recipe.inputs.resolution)
             self.fd = measure.FrechetDistance(JudgeFeatures(self.judge), measure.to_unit_range(real))
 
-    def __call__(self, images: torch.Tensor, reference: torch.Tensor) -> dict:
+    def __call__(self, images: torch.Tensor, reference: torch.Tensor, label: str = "images") -> dict:
+        """The metrics of `images` against `reference` (both (N, 1, H, W) in [-1, 1]).
+
+        Raises:
+            NonFiniteImagesError: `images` or `reference` hold NaN or infinity (named by `label`).
+        """
+        measure.check_finite(images, label)
+        measure.check_finite(reference, "reference")
         unit, unit_ref = measure.to_unit_range(images), measure.to_unit_range(reference)
         result = {}
         if "psnr" in self.metrics:
@@ -123,17 +143,33 @@ def reference_cache_key(recipe: DictConfig, plan: SamplingPlan, model_dir: Path)
     return digest.hexdigest()[:20]
 
 
-def _cached_generation(cache_file: Path | None, generate_fn) -> tuple[torch.Tensor, int]:
-    """(images, FLOPs) from the cache file when present, else generated and (main process) cached."""
-    if cache_file is not None and cache_file.is_file():
+def _read_cached(cache_file: Path) -> tuple[torch.Tensor, int] | None:
+    """(images, FLOPs) of a reference cache file, or None (with a message) when it is unreadable."""
+    try:
         with safe_open(str(cache_file), framework="pt") as handle:
-            return handle.get_tensor("images"), int(handle.metadata()["flops"])
+            images, flops = handle.get_tensor("images"), int(handle.metadata()["flops"])
+    except (SafetensorError, OSError, KeyError, TypeError, ValueError) as error:
+        print(f"accel: {cache_file} is unreadable ({first_line(error)}); generating the reference again",
+              file=sys.stderr, flush=True)
+        return None
+    if not bool(torch.isfinite(images).all()):
+        print(f"accel: {cache_file} holds non-finite images; generating the reference again", file=sys.stderr)
+        return None
+    return images, flops
+
+
+def _cached_generation(cache_file: Path | None, generate_fn, label: str) -> tuple[torch.Tensor, int]:
+    """(images, FLOPs) from the cache file when present and readable, else generated, checked to be
+    finite and (main process) cached."""
+    if cache_file is not None and cache_file.is_file():
+        cached = _read_cached(cache_file)
+        if cached is not None:
+            return cached
     images, flops = generate_fn()
+    measure.check_finite(images, label)
     if cache_file is not None and is_main_process():
         cache_file.parent.mkdir(parents=True, exist_ok=True)
-        temporary = cache_file.with_suffix(".tmp")
-        save_file({"images": images.contiguous()}, temporary, metadata={"flops": str(flops)})
-        temporary.replace(cache_file)
+        save_safetensors(cache_file, {"images": images}, metadata={"flops": str(flops)})
     return images, flops
 
 
@@ -158,10 +194,13 @@ def measure_plan(label: str, kind: str, plan: SamplingPlan, denoiser, inputs: In
     when not `split`). With `cache_file` (the reference), images and counted FLOPs of an identical
     earlier generation are reused; the wall-clock is always measured anew, beside the run.
     `guidance_scale` (default: the recipe's) sets the passes counted in `nfe`.
+
+    Raises:
+        NonFiniteImagesError: the generated images hold NaN or infinity (named by `label`).
     """
     device = model_device(recipe)
     images, flops = _cached_generation(
-        cache_file, lambda: _generate_counted(denoiser, plan, inputs, recipe, label, split))
+        cache_file, lambda: _generate_counted(denoiser, plan, inputs, recipe, label, split), label)
     wall = time_plan(denoiser, plan, inputs, recipe) if is_main_process() or not split else float("nan")
     record = {
         "label": label, "kind": kind, "solver": plan.solver, "steps": plan.steps,
@@ -198,6 +237,17 @@ def measure_stack(label: str, recipe: DictConfig, model, inputs: Inputs,
             record["cache_last_generation"] = cache.stats.last_run().to_dict()
     record["stack"] = resolved.to_dict()
     return record, images
+
+
+def prepare_run(recipe: DictConfig, command: str) -> Path:
+    """Checks what can only be checked on this machine before any work: the device exists, and
+    `<output.dir>/<name>/` can be created for `command` (refused if another command wrote it; an
+    OSError naming the path where it cannot be written). Returns the folder."""
+    from accel.recipe.validate import check_device_available
+
+    refuse_hub_model(recipe.model.name)
+    check_device_available("model.device", model_device(recipe))
+    return claim_folder(Path(recipe.output.dir) / recipe.name, command)
 
 
 def add_speedups(record: dict, reference: dict) -> dict:

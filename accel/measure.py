@@ -75,6 +75,25 @@ def peak_memory_mb(device: torch.device | str) -> float | None:
     return None
 
 
+class NonFiniteImagesError(ValueError):
+    """Generated images hold NaN or infinity; its message is one line naming the run."""
+
+
+def check_finite(images: torch.Tensor, label: str = "images") -> torch.Tensor:
+    """Returns `images` (any shape) if every value is finite, else raises NonFiniteImagesError.
+
+    Metrics of non-finite images are meaningless (and FD's matrix square root can crash on them),
+    so every metric here checks first. One host sync per call: for whole generations, not steps.
+    """
+    finite = torch.isfinite(images)
+    if not bool(finite.all()):
+        bad = int((~finite).sum())
+        raise NonFiniteImagesError(
+            f"{label}: {bad} of {images.numel()} generated values are NaN or infinite; check the guidance scale, "
+            "schedule and solver parameters and the adapters (their scales and weights)")
+    return images
+
+
 def to_unit_range(images: torch.Tensor) -> torch.Tensor:
     """[-1, 1] -> [0, 1], clamped."""
     return ((images.float() + 1) / 2).clamp(0, 1)
@@ -82,6 +101,8 @@ def to_unit_range(images: torch.Tensor) -> torch.Tensor:
 
 def psnr(images: torch.Tensor, reference: torch.Tensor) -> float:
     """Mean per-image PSNR (dB) of images vs reference, both (B, C, H, W) in [0, 1]."""
+    check_finite(images)
+    check_finite(reference, "reference")
     values = peak_signal_noise_ratio(images, reference, data_range=1.0, reduction="none",
                                      dim=(1, 2, 3))
     return float(values.clamp(max=100.0).mean())
@@ -89,6 +110,8 @@ def psnr(images: torch.Tensor, reference: torch.Tensor) -> float:
 
 def ssim(images: torch.Tensor, reference: torch.Tensor) -> float:
     """Mean SSIM of images vs reference, both (B, C, H, W) in [0, 1] (7x7 Gaussian window)."""
+    check_finite(images)
+    check_finite(reference, "reference")
     return float(structural_similarity_index_measure(images, reference, data_range=1.0,
                                                      kernel_size=7))
 
@@ -109,6 +132,7 @@ class FrechetDistance:
 
     def __call__(self, images: torch.Tensor) -> float:
         """FD of `images` (B, 1, H, W) in [0, 1] to the real set."""
+        check_finite(images)
         self.metric.reset()
         self.metric.update(images, real=False)
         return float(self.metric.compute())
@@ -116,6 +140,7 @@ class FrechetDistance:
 
 def class_accuracy(judge: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor) -> float:
     """Fraction of images (B, 1, H, W) in [0, 1] the judge assigns to their requested label."""
+    check_finite(images)
     with torch.no_grad():
         predicted = judge(images).argmax(dim=1)
     return float((predicted == labels.to(predicted.device)).float().mean())

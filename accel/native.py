@@ -11,7 +11,7 @@ from omegaconf import DictConfig
 
 import caching
 from accel.generate import SamplingPlan, generate, sample_noise
-from accel.adapter_files import adapter_file
+from accel.adapter_files import check_adapter_fits
 from accel.resolve import ResolvedStack, RunInfo, resolve
 from accel.stack import Stack
 
@@ -54,7 +54,8 @@ def installed_adapters(model, resolved: ResolvedStack) -> Iterator[list[str]]:
     original = {k: v.detach().clone() for k, v in transformer.state_dict().items()} if adapters[0].fuse else None
     try:
         for name, adapter in zip(names, adapters):
-            transformer.load_lora_adapter(str(adapter_file(adapter.path)), prefix="transformer", adapter_name=name)
+            file = check_adapter_fits(transformer, adapter.path, "transformer")
+            transformer.load_lora_adapter(str(file), prefix="transformer", adapter_name=name)
         transformer.set_adapters(names, weights=[adapter.scale for adapter in adapters])
         if adapters[0].fuse:
             transformer.fuse_lora(adapter_names=names)

@@ -44,6 +44,7 @@ import caching
 from caching.hooks import InstalledHook, install_hook, uninstall_hooks
 from samplers.diffusers_scheduler import AccelScheduler
 
+from accel.adapter_files import check_adapter_fits
 from accel.branch_hook import GuidanceBranchHook, guidance_active
 from accel.pipeline_lora import LoadedAdapters, check_removable, load_adapters, unload_adapters
 from accel.placement import place_pipeline, stack_and_placement
@@ -356,10 +357,12 @@ def apply(pipe: Any, stack_or_recipe: Any) -> ResolvedStack:
     denoisers = _denoisers(pipe)
     base_run = run_info_for(pipe, stack)
     resolved = resolve(stack, base_run)
-    primary = denoisers[0][1]
+    primary_name, primary = denoisers[0]
     if resolved.stack.adapters and getattr(primary, "peft_config", None):
         raise StackError(f"{type(pipe).__name__} already has LoRA adapters {sorted(primary.peft_config)}; unload "
                          "them (pipe.unload_lora_weights()) or list them in the stack's adapters")
+    for adapter in resolved.stack.adapters:  # whole, finite, and shaped for this denoiser: before any change
+        check_adapter_fits(primary, adapter.path, primary_name)
     scheduler = _new_scheduler(pipe, resolved.stack)
     record = Applied(stack, resolved, denoisers, pipe.scheduler, scheduler, base_run,
                      batched=not _separate_branches(type(pipe)),

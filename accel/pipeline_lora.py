@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from accel.adapter_files import adapter_file
+from accel.adapter_files import check_adapter_file
 from accel.stack import AdapterPlan, StackError
 
 # Attributes that loading / fusing LoRA adds to a pipeline or a model; removed if absent before.
@@ -60,7 +60,7 @@ def load_adapters(pipe: Any, adapters: tuple[AdapterPlan, ...], loaded: LoadedAd
     objects = [pipe, *(getattr(pipe, name) for name in lora_components(pipe))]
     loaded.attributes = [(obj, set(vars(obj))) for obj in objects]
     for index, adapter in enumerate(adapters):
-        file = adapter_file(adapter.path)
+        file = check_adapter_file(adapter.path)
         name = f"{ADAPTER_PREFIX}{index}"
         pipe.load_lora_weights(str(file.parent), weight_name=file.name, adapter_name=name)
         loaded.names.append(name)

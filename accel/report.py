@@ -7,6 +7,8 @@ from typing import Sequence
 
 import torch
 
+from accel.io import save_figure
+
 COLUMNS = (
     ("label", "run", "{}"),
     ("nfe", "NFE", "{}"),
@@ -68,5 +70,5 @@ def save_grid(rows: Sequence[torch.Tensor], row_titles: Sequence[str], path: Pat
             if r == 0 and column_titles is not None:
                 axis.set_title(column_titles[c], fontsize=7)
     fig.tight_layout(pad=0.2)
-    fig.savefig(path, dpi=100)
+    save_figure(fig, path, dpi=100)
     plt.close(fig)

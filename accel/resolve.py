@@ -127,8 +127,9 @@ class ResolvedStack:
         path = Path(path)
         if path.is_dir():
             path = path / "stack.json"
-        path.write_text(json.dumps(self.to_dict(), indent=2, default=str) + "\n")
-        return path
+        from accel.io import write_text
+
+        return write_text(path, json.dumps(self.to_dict(), indent=2, default=str) + "\n")
 
 
 Decision = tuple[Stack, list[str]]

@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from accel import measure
+from accel import io, measure
 from accel.distributed import is_main_process, process_state, wait_for_everyone
-from accel.execute import (Evaluator, add_speedups, build_inputs, load_embedded_model, measure_plan, measure_stack,
-                           model_device,
-                           model_folder, plan_from, reference_cache_key, reference_denoiser, reference_guidance)
+from accel.execute import (Evaluator, add_speedups, build_inputs, check_adapters_fit, load_embedded_model,
+                           measure_plan, measure_stack, model_device, model_folder, plan_from, prepare_run,
+                           reference_cache_key, reference_denoiser, reference_guidance)
 from accel.recipe import to_yaml
 from accel.report import format_table, markdown_table, save_grid
 
@@ -23,8 +22,10 @@ def run_recipe(recipe: DictConfig) -> dict | None:
     Under `accelerate launch` the batches are split across processes; the main process
     measures, writes and returns the summary, the others return None.
     """
+    prepare_run(recipe, "accel run")
     torch.manual_seed(recipe.inputs.seed)
     model = load_embedded_model(recipe.model.name, model_device(recipe))
+    check_adapters_fit(recipe, model)
     denoiser = reference_denoiser(recipe, model)
     inputs = build_inputs(recipe)
     ref_plan = plan_from(recipe.eval.reference)
@@ -42,7 +43,7 @@ def run_recipe(recipe: DictConfig) -> dict | None:
         print("\n".join(line for line in (stack["decisions"] or [])), flush=True)
         evaluate = Evaluator(recipe, inputs.labels)
         for record, images in ((reference, ref_images), (configured, run_images)):
-            add_speedups(record, reference).update(evaluate(images, ref_images))
+            add_speedups(record, reference).update(evaluate(images, ref_images, record["label"]))
         summary = {"name": recipe.name, "num_processes": process_state().num_processes,
                    "runs": [reference, configured], "stack": stack,
                    "recipe": OmegaConf.to_container(recipe, resolve=True)}
@@ -61,16 +62,17 @@ def write_outputs(recipe: DictConfig, summary: dict, ref_images: torch.Tensor,
     """Writes summary.json, recipe.yaml, report.md and grid.png under <output.dir>/<name>/."""
     folder = Path(recipe.output.dir) / recipe.name
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "summary.json").write_text(json.dumps(summary, indent=2))
-    (folder / "recipe.yaml").write_text(to_yaml(recipe))
-    (folder / "stack.json").write_text(json.dumps(summary["stack"], indent=2, default=str))
+    io.write_json(folder / "summary.json", summary, indent=2)
+    io.write_text(folder / "recipe.yaml", to_yaml(recipe))
+    io.write_json(folder / "stack.json", summary["stack"], indent=2, default=str)
     picked = _first_per_class(labels[:, None].float(), labels)[:, 0].long()
     save_grid([measure.to_unit_range(_first_per_class(ref_images, labels)),
                measure.to_unit_range(_first_per_class(run_images, labels))],
               ["reference", recipe.name], folder / "grid.png",
               column_titles=[str(int(c)) for c in picked])
     reference, run = summary["runs"]
-    (folder / "report.md").write_text(
+    io.write_text(
+        folder / "report.md",
         f"# {recipe.name}\n\n"
         f"Reference: {plan_from(recipe.eval.reference).describe()}; run: "
         f"{plan_from(recipe.sampler).describe()}, cache {summary['stack']['cache_policy'] or 'none'}; "

@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from torch import nn
 
+from accel.io import claim_folder, write_text
 from distill.objective import Objective
 from distill.training import TrainResult
 
@@ -112,12 +113,25 @@ def _checked(build: Callable[[], Any], key: str = "") -> Any:
         raise RecipeError(f"objective.params.{key + ': ' if key else ''}{first}") from None
 
 
+MAX_RESOLUTION = 256
+
+
+def _check_resolution(resolution: int, multiple: int, why: str) -> None:
+    """The image side must be a positive multiple of what the model divides it by."""
+    from accel.recipe.load import RecipeError
+
+    if not (multiple <= resolution <= MAX_RESOLUTION and resolution % multiple == 0):
+        raise RecipeError(f"objective.params.resolution: {resolution} must be a multiple of {multiple} ({why}) "
+                          f"between {multiple} and {MAX_RESOLUTION}")
+
+
 def build_flow_matching(params: Any, seed: int) -> Objective:
     """Rectified-flow training of the embedded flow model on the digit data."""
     from accel.embedded.model import NULL_CLASS, build_flux_digits, load_flux_digits
     from distill.objectives.flow_matching import FlowMatching, label_dropout
 
     p: FlowMatchingParams = objective_params(FlowMatchingParams, params, "flow-matching")
+    _check_resolution(p.resolution, 2, "the model packs 2x2 patches")
     if p.init:
         model = load_flux_digits(p.init)
     else:
@@ -148,6 +162,8 @@ def build_ddpm(params: Any, seed: int) -> Objective:
     else:
         model = _checked(lambda: build_unet_digits(seed=seed, betas={"beta_schedule": p.beta_schedule},
                                                    **p.model_config), "model_config")
+    levels = len(model.unet.config.block_out_channels) - 1
+    _check_resolution(p.resolution, 2 ** levels, f"the UNet halves it {levels} times")
     model.unet.train()
     module, export = _trainable({"unet": model.unet}, model.unet, p, "unet", model.save_pretrained, "ddpm")
     return _checked(lambda: DDPMEpsilon(
@@ -219,11 +235,11 @@ def run_train_recipe(recipe: DictConfig) -> TrainResult:
     from distill.training import train
 
     config = train_config(recipe)
+    claim_folder(config.out_dir, "accel train")  # before any work: refuses another command's or a read-only folder
     torch.manual_seed(config.seed)
     objective = OBJECTIVES[recipe.objective.name](recipe.objective.params, config.seed)
-    config.out_dir.mkdir(parents=True, exist_ok=True)
     if is_main_launch_process():
-        (config.out_dir / "recipe.yaml").write_text(OmegaConf.to_yaml(recipe, resolve=True))
+        write_text(config.out_dir / "recipe.yaml", OmegaConf.to_yaml(recipe, resolve=True))
     return train(objective, config)
 
 
@@ -261,6 +277,6 @@ def run_embedded_script(objective: str, args: argparse.Namespace, **params: Any)
     print(f"parameters: {trainable / 1e6:.2f}M", flush=True)
     result = train(built, config)
     if is_main_launch_process():
-        (out / "training.json").write_text(json.dumps(vars(args), default=str, indent=2))
+        write_text(out / "training.json", json.dumps(vars(args), default=str, indent=2))
         print(f"saved EMA weights to {out}; loss log {result.loss_log}", flush=True)
     return result

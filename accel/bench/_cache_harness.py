@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 from omegaconf import OmegaConf
 
-from accel import measure
+from accel import io, measure
 from accel.bench._cache_origins import Adapter, Variant, diffusers_mag_ratios, make_adapter
 from accel.bench._cache_placements import PlacementStore
 from accel.embedded import load_flux_digits
@@ -333,15 +333,11 @@ class Journal:
     def __init__(self, path: Path, fingerprint: str) -> None:
         self.path, self.fingerprint = path, fingerprint
         self.done: dict[str, dict] = {}
-        if path.is_file():
-            for line in path.read_text().splitlines():
-                record = json.loads(line) if line.strip() else None
-                if record and record.get("fingerprint") == fingerprint:
-                    self.done[record["key"]] = record
+        for record in io.read_jsonl(path):  # a line cut short by an interruption is skipped (and said)
+            if record.get("fingerprint") == fingerprint and "key" in record:
+                self.done[record["key"]] = record
 
     def add(self, record: dict) -> None:
         """Appends a finished record."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.path.open("a") as handle:
-            handle.write(json.dumps(record) + "\n")
+        io.append_jsonl(self.path, record)
         self.done[record["key"]] = record

@@ -16,6 +16,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
+from accel import io
 from accel.bench._cache_origins import Variant
 
 
@@ -57,5 +58,5 @@ class PlacementStore:
         path.parent.mkdir(parents=True, exist_ok=True)
         payload = {"method": variant.method, "params": variant.params, "calibration": calibration,
                    "search": search, "provenance": self.provenance}
-        path.write_text(json.dumps(payload, indent=1) + "\n")
+        io.write_text(path, json.dumps(payload, indent=1) + "\n")
         return path

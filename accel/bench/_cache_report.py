@@ -12,6 +12,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from accel import io
+
 ORIGIN_COLOURS = {"accel": "tab:blue", "euler-steps": "black", "cache-dit": "tab:orange",
                   "diffusers": "tab:green"}
 ANCHORS = ("cache-dit", "diffusers")
@@ -169,7 +171,7 @@ def plot(records: list[dict], path: Path, title: str) -> None:
     axis.set_title(title)
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path, dpi=120)
+    io.save_figure(figure, path, dpi=120)
     plt.close(figure)
 
 
@@ -178,4 +180,4 @@ def write_json(records: list[dict], paths: list[Path]) -> None:
     text = json.dumps(records, indent=1)
     for path in paths:
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
+        io.write_text(path, text)

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+
+from accel import io
 
 COLUMNS = ("method", "nfe", "model_calls", "cache", "adapter", "flops_speedup", "wall_speedup", "psnr", "ssim",
            "fd", "accuracy")
@@ -97,7 +98,7 @@ def plot(records: list[dict], path: Path, title: str) -> None:
     ax.set_title(title)
     ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    io.save_figure(fig, path, dpi=120)
     plt.close(fig)
 
 
@@ -113,10 +114,11 @@ def write(records: list[dict], out_dir: Path, json_path: Path | None, mode: str,
                "records": [{k: r.get(k) for k in FIELDS} for r in records]}
     for path in [out_dir / "distill.json"] + ([Path(json_path)] if json_path else []):
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(payload, indent=1, default=str))
+        io.write_json(path, payload, indent=1, default=str)
     title = f"accel bench distill ({mode})"
     plot(records, out_dir / "distill.png", title)
-    (out_dir / "distill.md").write_text(
+    io.write_text(
+        out_dir / "distill.md",
         f"# {title}\n\n{markdown(records)}\n\n## Targets\n\n"
         + "\n".join(f"- {'met' if t['met'] else 'MISSED'}: {t['target']}: {t['detail']}" for t in targets) + "\n")
     print(f"\nwrote {out_dir}/distill.json, distill.md, distill.png" + (f" and {json_path}" if json_path else ""))

@@ -3,9 +3,10 @@ quality-vs-NFE plot and the target check."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Iterable, Sequence
+
+from accel import io
 
 FIELDS = ("model", "solver", "schedule", "nfe", "origin", "psnr", "ssim", "fd", "accuracy")
 TARGET_NFES = (6, 8)
@@ -29,22 +30,18 @@ class RecordStore:
     def __init__(self, path: Path):
         self.path = path
         self.records: dict[str, dict] = {}
-        if path.is_file():
-            for line in path.read_text().splitlines():
-                try:
-                    record = json.loads(line)
-                    self.records[f"{record['signature']}#{record_key(record)}"] = record
-                except (json.JSONDecodeError, KeyError):
-                    continue  # a line cut short by an interruption
+        for record in io.read_jsonl(path):  # a line cut short by an interruption is skipped (and said)
+            try:
+                self.records[f"{record['signature']}#{record_key(record)}"] = record
+            except KeyError:
+                continue
 
     def get(self, signature: str, key: str) -> dict | None:
         return self.records.get(f"{signature}#{key}")
 
     def add(self, record: dict) -> None:
         self.records[f"{record['signature']}#{record_key(record)}"] = record
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a") as handle:
-            handle.write(json.dumps(record) + "\n")
+        io.append_jsonl(self.path, record)
 
 
 def _row(record: dict) -> list[str]:
@@ -164,7 +161,7 @@ def plot(records: Sequence[dict], path: Path) -> None:
         axes[row][1].legend(fontsize=6, ncol=2, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=90)
+    io.save_figure(fig, path, dpi=90)
     plt.close(fig)
 
 
@@ -196,8 +193,9 @@ def write_outputs(records: list[dict], skipped: list[str], settings: dict, timin
     out_dir.mkdir(parents=True, exist_ok=True)
     for path in [out_dir / "samplers.json"] + ([json_path] if json_path else []):
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(summary, indent=2))
-    (out_dir / "samplers.md").write_text(
+        io.write_json(path, summary, indent=2)
+    io.write_text(
+        out_dir / "samplers.md",
         f"## Best per NFE and origin\n\n{markdown_table(best)}\n\n## PSNR (dB) by NFE\n\n{psnr_pivot(records)}\n\n"
         f"## All\n\n"
         f"{markdown_table(records)}\n\n## Targets\n\n{format_targets(targets)}\n")

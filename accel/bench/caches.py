@@ -25,9 +25,10 @@ import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tqdm import tqdm
 
+from accel import io
 from accel.bench import _cache_report as report
 from accel.bench._cache_harness import Bench, Journal, Settings
 from accel.bench._cache_origins import Variant, cache_dit_available
@@ -125,7 +126,7 @@ def _reference(bench: Bench, journal: Journal, out_dir: Path) -> dict:
         return journal.done[variant.key]
     record = bench.measure(variant)
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_file({"images": bench.reference_images.contiguous()}, images_path)
+    io.save_safetensors(images_path, {"images": bench.reference_images})
     journal.add(record)
     return record
 
@@ -200,7 +201,8 @@ def _write_outputs(records: list[dict], json_path: Path | None, out_dir: Path, s
     report.write_json(records, [out_dir / "caches.json"] + ([Path(json_path)] if json_path else []))
     title = f"accel bench caches ({mode}, {len(settings.classes) * settings.samples_per_class} samples)"
     report.plot(records, out_dir / "caches.png", title)
-    (out_dir / "caches.md").write_text(
+    io.write_text(
+        out_dir / "caches.md",
         f"# {title}\n\n## Pareto frontiers\n\n{report.markdown(report.table_rows(records, True))}\n\n"
         f"## All configurations\n\n{report.markdown(report.table_rows(records))}\n\n## Targets\n\n"
         + "\n".join(f"- {'met' if t['met'] else 'MISSED'}: {t['target']}: {t['detail']}" for t in targets)

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from accel import io
 from accel.bench import _distill_report as report
 from accel.embedded.model import WEIGHTS_DIR
 from accel.execute import (Evaluator, add_speedups, build_inputs, load_embedded_model, measure_plan, measure_stack,
@@ -161,9 +162,8 @@ def run(quick: bool, json_path: Path | None, out_dir: Path) -> list[dict]:
                 "model_calls": reference["nfe"], "nfe": reference["nfe"] // 2}]
     journal = out_dir / f"distill-{mode}.jsonl"
     key = fingerprint(quick)
-    lines = journal.read_text().splitlines() if journal.is_file() else []
-    done = {(r["method"], tuple(r["overrides"])): r for r in map(json.loads, lines)
-            if r.get("fingerprint") == key and "overrides" in r}
+    done = {(r["method"], tuple(r["overrides"])): r for r in io.read_jsonl(journal)
+            if r.get("fingerprint") == key and "overrides" in r and "method" in r}
     todo = configurations(quick)
     for config in tqdm(todo, desc="distill", unit="config"):
         missing = [n for n in config.needs if not (ADAPTERS_DIR / n).exists()]
@@ -178,8 +178,7 @@ def run(quick: bool, json_path: Path | None, out_dir: Path) -> list[dict]:
         add_speedups(record, reference).update(evaluate(images, ref_images))
         record = {**_record(config, record, 1.0 if cell.guidance.scale == 1.0 else 2.0), "fingerprint": key,
                   "overrides": list(config.overrides)}
-        with journal.open("a") as handle:
-            handle.write(json.dumps(record, default=str) + "\n")
+        io.append_jsonl(journal, record, default=str)
         records.append(record)
     report.write(records, out_dir, json_path, mode, time.perf_counter() - started)
     return records

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import os
 import resource
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,7 +28,7 @@ import torch
 from tqdm import tqdm
 
 import samplers
-from accel import measure
+from accel import io, measure
 from accel.bench import _samplers_report as report
 from accel.bench._samplers_diffusers import (DiffusersConfig, epsilon_configs, flow_configs, sample_diffusers,
                                              steps_for_nfe)
@@ -188,17 +189,32 @@ def _variant(signature: str, variant: str | None) -> str:
     return f"{signature}:{variant}" if variant else signature
 
 
+def _read_reference(path: Path) -> torch.Tensor | None:
+    """Cached reference images (safetensors only); None when absent or unreadable (said on stderr)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    if not path.is_file():
+        return None
+    try:
+        return load_file(path)["images"]
+    except (SafetensorError, OSError, KeyError) as error:
+        print(f"accel: {path} is unreadable ({io.first_line(error)}); generating the reference again", file=sys.stderr)
+        return None
+
+
 def _reference(subject: BenchModel, settings: Settings, noise: torch.Tensor, labels: torch.Tensor,
                out_dir: Path) -> torch.Tensor:
     """The reference images, cached in out_dir under the run's signature."""
     name = _signature(subject, settings).split(":")[0]
-    path = out_dir / f"reference-{subject.name}-{name}-n{settings.samples}-s{settings.seed}.pt"
-    if path.is_file():
-        return torch.load(path)
+    path = out_dir / f"reference-{subject.name}-{name}-n{settings.samples}-s{settings.seed}.safetensors"
+    cached = _read_reference(path)
+    if cached is not None:
+        return cached
     start = time.perf_counter()
     images = sample_reference(subject, noise, labels, settings.batch_size)
     out_dir.mkdir(parents=True, exist_ok=True)
-    torch.save(images, path)
+    io.save_safetensors(path, {"images": images})
     print(f"{subject.name}: reference {subject.reference.describe()} in {time.perf_counter() - start:.0f} s")
     return images
 

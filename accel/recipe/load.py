@@ -1,6 +1,8 @@
 """Loading recipes: YAML + `key=value` overrides, merged onto the schema and validated.
 
-Every problem is reported as one `RecipeError` line naming the key and the allowed values.
+Every problem is reported as one `RecipeError` line naming the key and the allowed values. What a
+recipe may contain at all (data only, finite numbers, safe paths) is checked by
+`accel.recipe.content`.
 """
 
 from __future__ import annotations
@@ -10,11 +12,14 @@ from pathlib import Path
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
+from accel.io import first_line
+from accel.recipe import content
 from accel.recipe.schema import Recipe
 
 RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
 DEFAULT_RECIPE = "embedded-demo"
 GROUPS = ("model", "sampler", "cache", "adapters", "guidance", "inputs", "eval", "output")
+WRITTEN_PATHS = ("output.dir",)  # folders a run writes to: inside the working directory unless overridden
 
 
 class RecipeError(ValueError):
@@ -53,6 +58,7 @@ def _default_entries(defaults) -> list[tuple[str, str]]:
             raise RecipeError(f"defaults: entry {item!r} must be 'group/name' or {{group: name}}")
         if group not in GROUPS:
             raise RecipeError(f"defaults: unknown group {group!r}; groups: {', '.join(GROUPS)}")
+        content.check_group_entry(str(group), name)
         entries.append((str(group), str(name)))
     return entries
 
@@ -71,7 +77,7 @@ def compose(loaded: DictConfig) -> DictConfig:
         path = RECIPES_DIR / group / f"{name}.yaml"
         if not path.is_file():
             raise RecipeError(f"defaults: no {group}/{name}.yaml; {group} options: {_group_options(group)}")
-        parts.append(OmegaConf.create({group: OmegaConf.load(path)}))
+        parts.append(OmegaConf.create({group: read_recipe_file(path, mapping=False)}))
     return OmegaConf.merge(*parts, body)
 
 
@@ -93,23 +99,42 @@ def _describe(error: OmegaConfBaseException, schema: DictConfig) -> str:
 
 def parse_overrides(overrides: list[str]) -> DictConfig:
     """Parses `a.b=value` strings (values in YAML syntax) into a config."""
+    import yaml
+
     for item in overrides:
         if "=" not in item or item.startswith("="):
             raise RecipeError(f"override {item!r} is not of the form key=value (e.g. sampler.steps=8)")
+        try:
+            OmegaConf.from_dotlist([item])
+        except (OmegaConfBaseException, yaml.YAMLError) as error:
+            raise RecipeError(f"cannot parse override {item!r}: {first_line(error)} "
+                              "(values are YAML, e.g. a.b=[1, 2] or a.b='text')") from None
     try:
-        return OmegaConf.from_dotlist(list(overrides))
+        parsed = OmegaConf.from_dotlist(list(overrides))
     except OmegaConfBaseException as error:
-        raise RecipeError(f"cannot parse overrides {overrides}: {str(error).splitlines()[0]}") from None
+        raise RecipeError(f"cannot parse overrides {overrides}: {first_line(error)}") from None
+    content.check_data_only(parsed, "overrides")
+    return parsed
 
 
-def read_recipe_file(path: Path) -> DictConfig:
-    """Reads a recipe YAML file that must hold a mapping."""
+def read_recipe_file(path: Path, mapping: bool = True) -> DictConfig | ListConfig:
+    """Reads a recipe YAML file: not empty, data only (`content.check_data_only`).
+
+    Args:
+        path: the file.
+        mapping: require a mapping of recipe sections (False for a group file, which may hold a list).
+    """
+    import yaml
+
     try:
         loaded = OmegaConf.load(path)
-    except Exception as error:  # yaml errors come in many classes
-        raise RecipeError(f"cannot read {path}: {str(error).splitlines()[0]}") from None
-    if not isinstance(loaded, DictConfig):
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, OmegaConfBaseException) as error:
+        raise RecipeError(f"cannot read {path}: {first_line(error)}") from None
+    if isinstance(loaded, DictConfig) and len(loaded) == 0:
+        raise RecipeError(f"{path} is empty; a recipe names at least its sections (see docs/recipes.md)")
+    if mapping and not isinstance(loaded, DictConfig):
         raise RecipeError(f"{path} must hold a mapping of recipe sections, got {type(loaded).__name__}")
+    content.check_data_only(loaded, str(path))
     return loaded
 
 
@@ -135,8 +160,11 @@ def load_recipe(name_or_path: str | None = None, overrides: list[str] | None = N
     Raises:
         RecipeError: one line naming the key and what is allowed.
     """
-    loaded = read_recipe_file(find_recipe(name_or_path))
-    recipe = merge_on_schema(Recipe, compose(loaded), parse_overrides(overrides or []))
+    path = find_recipe(name_or_path)
+    parsed = parse_overrides(overrides or [])
+    recipe = merge_on_schema(Recipe, compose(read_recipe_file(path)), parsed)
+    content.check_finite(recipe)
+    content.check_written_paths(recipe, parsed, WRITTEN_PATHS, str(path))
     from accel.recipe.validate import validate_recipe
 
     validate_recipe(recipe)

@@ -20,6 +20,8 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from distill.training import TrainConfig
 
 _FOLDERS = ("out_dir", "export_dir")
+# Folders a training run writes to: inside the working directory unless given as an override.
+WRITTEN_PATHS = ("output.dir", "objective.params.trajectories")
 
 
 def _train_section() -> type:
@@ -90,14 +92,19 @@ def load_train_recipe(name_or_path: str, overrides: list[str] | None = None) -> 
     Raises:
         RecipeError: one line naming the key and what is allowed.
     """
+    from accel.recipe import content
     from accel.recipe.load import RecipeError, find_recipe, merge_on_schema, parse_overrides, read_recipe_file
     from accel.train import OBJECTIVES
 
-    loaded = read_recipe_file(find_recipe(name_or_path))
-    recipe = merge_on_schema(TrainRecipe, loaded, parse_overrides(overrides or []))
+    path = find_recipe(name_or_path)
+    parsed = parse_overrides(overrides or [])
+    recipe = merge_on_schema(TrainRecipe, read_recipe_file(path), parsed)
     missing = [key for key in ("name", "objective.name", "train.steps") if OmegaConf.select(recipe, key) is None]
     if missing:
         raise RecipeError(f"{missing[0]}: missing; a training recipe must set name, objective.name and train.steps")
+    content.check_finite(recipe)
+    content.check_path_component(recipe.name, "name")
+    content.check_written_paths(recipe, parsed, WRITTEN_PATHS, str(path))
     if recipe.objective.name not in OBJECTIVES:
         raise RecipeError(f"objective.name: {recipe.objective.name!r} is not allowed; "
                           f"choose one of: {', '.join(sorted(OBJECTIVES))}")

@@ -1,17 +1,30 @@
-"""Value checks the type system cannot express; each failure is one RecipeError line."""
+"""Value checks the type system cannot express; each failure is one RecipeError line.
+
+Counts have upper bounds as well as lower ones, so a typo (`sampler.steps=1000000000`) is refused
+instead of exhausting memory.
+"""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 import samplers
+from accel.recipe import content
 from accel.recipe.load import RecipeError
 
 DTYPES = ("float32", "bfloat16", "float16")
 METRICS = ("psnr", "ssim", "fd", "accuracy")
 EMBEDDED_MODELS = ("flux-digits",)
+MAX_STEPS = 1000  # solver steps of a run, a reference or a baseline
+MAX_SAMPLES = 100_000  # generated samples of a run (classes x samples_per_class)
+MAX_BATCH = 10_000  # samples per model call or timed call
+MAX_REAL_SAMPLES = 100_000
+MAX_REPEATS = 100
+MAX_SEED = 2**32
+DEVICE = re.compile(r"cpu|cuda(:\d+)?")
 
 
 def _choice(key: str, value, allowed) -> None:
@@ -19,9 +32,11 @@ def _choice(key: str, value, allowed) -> None:
         raise RecipeError(f"{key}: {value!r} is not allowed; choose one of: {', '.join(map(str, allowed))}")
 
 
-def _at_least(key: str, value, low) -> None:
+def _between(key: str, value, low, high) -> None:
     if value < low:
         raise RecipeError(f"{key}: {value} must be >= {low}")
+    if value > high:
+        raise RecipeError(f"{key}: {value} must be <= {high}")
 
 
 def is_hub_id(name: str) -> bool:
@@ -38,24 +53,79 @@ def _check_model(model: DictConfig) -> None:
     if model.name not in EMBEDDED_MODELS and not Path(model.name).is_dir() and not is_hub_id(model.name):
         raise RecipeError(f"model.name: {model.name!r} is neither an embedded model "
                           f"({', '.join(EMBEDDED_MODELS)}), a local folder nor a hub id 'owner/name'")
+    if model.name not in EMBEDDED_MODELS and Path(model.name).is_dir():
+        _check_model_folder(Path(model.name))
     if model.dtype is not None:
         _choice("model.dtype", model.dtype, DTYPES)
-    if model.device is not None and not (model.device == "cpu" or model.device.startswith("cuda")):
+    if model.device is not None and not DEVICE.fullmatch(model.device):
         raise RecipeError(f"model.device: {model.device!r}; use cpu, cuda or cuda:N")
+
+
+def _check_model_folder(folder: Path) -> None:
+    """A local model folder in the embedded layout, with safetensors weights (never a pickle)."""
+    for part in ("transformer", "conditioner"):
+        if not (folder / part / "config.json").is_file():
+            raise RecipeError(f"model.name: {str(folder)!r} has no {part}/config.json; a local model folder holds "
+                              "transformer/ and conditioner/ as saved by save_pretrained")
+        if not any((folder / part).glob("*.safetensors")):
+            raise RecipeError(f"model.name: {str(folder)!r} has no {part}/*.safetensors weights (pickled .bin "
+                              "weights are not loaded); save them with save_pretrained(safe_serialization=True)")
+
+
+def check_device_available(key: str, device: str) -> None:
+    """`cpu`, or `cuda` / `cuda:N` where this torch has that CUDA device (checked where the project
+    runs the model itself; a hub recipe may name a device of another machine)."""
+    import torch
+
+    if not DEVICE.fullmatch(device):
+        raise RecipeError(f"{key}: {device!r}; use cpu, cuda or cuda:N")
+    if device == "cpu":
+        return
+    if not torch.cuda.is_available():
+        raise RecipeError(f"{key}: {device!r}, but this torch sees no CUDA device; use {key}=cpu")
+    index = int(device.split(":")[1]) if ":" in device else 0
+    if index >= torch.cuda.device_count():
+        raise RecipeError(f"{key}: {device!r}, but there are {torch.cuda.device_count()} CUDA devices")
 
 
 def _check_sampling(prefix: str, section: DictConfig, family: str | None) -> None:
     _choice(f"{prefix}.solver", section.solver, sorted(samplers.SOLVERS))
     _choice(f"{prefix}.schedule", section.schedule, sorted(samplers.SCHEDULES))
-    _at_least(f"{prefix}.steps", section.steps, 1)
+    _between(f"{prefix}.steps", section.steps, 1, MAX_STEPS)
+    _check_solver_options(prefix, section.solver, OmegaConf.to_container(section.solver_params))
     if family is None:  # a hub model: the resolver checks the fit against the real pipeline
         return
     try:
         samplers.get_solver(section.solver).check_fits("flow", "flow")
         samplers.make_sigmas(section.schedule, section.steps, samplers.FlowSchedule(),
                              **dict(section.schedule_params))
+        _dry_run(section)
     except (TypeError, ValueError) as error:
         raise RecipeError(f"{prefix}: {error}".splitlines()[0]) from None
+
+
+def _check_solver_options(prefix: str, solver: str, options: dict) -> None:
+    """Refuses solver options the solver's core does not take (its own fixed ones included)."""
+    import inspect
+
+    spec = samplers.get_solver(solver)
+    accepted = [name for name in list(inspect.signature(spec.steps).parameters)[3:] if name not in spec.options]
+    unknown = sorted(set(options) - {*accepted, "compensation"})
+    if unknown:
+        raise RecipeError(f"{prefix}.solver_params: solver {solver!r} takes no option {', '.join(unknown)}; "
+                          f"its options are: {', '.join([*accepted, 'compensation'])}")
+
+
+def _dry_run(section: DictConfig) -> None:
+    """Runs the sampler on a 2x2 zero model, so a bad option value fails here, not mid-run."""
+    import torch
+
+    denoiser = samplers.Denoiser(lambda x, sigma, **_: torch.zeros_like(x), prediction_type="flow",
+                                 schedule=samplers.FlowSchedule())
+    with torch.random.fork_rng(devices=[]):
+        samplers.sample(denoiser, torch.zeros(1, 1, 2, 2), solver=section.solver, steps=section.steps,
+                        schedule=section.schedule, schedule_options=OmegaConf.to_container(section.schedule_params),
+                        solver_options=OmegaConf.to_container(section.solver_params))
 
 
 def _check_inputs(inputs: DictConfig) -> None:
@@ -63,8 +133,12 @@ def _check_inputs(inputs: DictConfig) -> None:
         raise RecipeError("inputs.classes: give at least one class")
     for label in inputs.classes:
         _choice("inputs.classes[]", label, list(range(10)))
-    _at_least("inputs.samples_per_class", inputs.samples_per_class, 1)
-    _at_least("inputs.batch_size", inputs.batch_size, 1)
+    _between("inputs.samples_per_class", inputs.samples_per_class, 1, MAX_SAMPLES)
+    if len(inputs.classes) * inputs.samples_per_class > MAX_SAMPLES:
+        raise RecipeError(f"inputs.samples_per_class: {inputs.samples_per_class} x {len(inputs.classes)} classes "
+                          f"is more than {MAX_SAMPLES} samples")
+    _between("inputs.batch_size", inputs.batch_size, 1, MAX_BATCH)
+    _between("inputs.seed", inputs.seed, 0, MAX_SEED)
     if inputs.resolution != 16:
         raise RecipeError(f"inputs.resolution: {inputs.resolution}; the embedded model is trained at 16")
 
@@ -73,15 +147,25 @@ def _check_eval(evaluation: DictConfig, family: str | None) -> None:
     _check_sampling("eval.reference", evaluation.reference, family)
     for metric in evaluation.metrics:
         _choice("eval.metrics[]", metric, METRICS)
-    _at_least("eval.real_samples", evaluation.real_samples, 2)
-    _at_least("eval.timing_batch", evaluation.timing_batch, 1)
-    _at_least("eval.timing_repeats", evaluation.timing_repeats, 1)
+    _between("eval.real_samples", evaluation.real_samples, 2, MAX_REAL_SAMPLES)
+    _between("eval.timing_batch", evaluation.timing_batch, 1, MAX_BATCH)
+    _between("eval.timing_repeats", evaluation.timing_repeats, 1, MAX_REPEATS)
+    scale = evaluation.reference.get("guidance_scale")
+    if scale is not None and scale < 1.0:
+        raise RecipeError(f"eval.reference.guidance_scale: {scale} must be >= 1 (1 disables CFG) or null")
 
 
 def _check_adapters(adapters) -> None:
+    from accel.adapter_files import check_adapter_file
+    from accel.stack import StackError
+
     for index, adapter in enumerate(adapters):
         if not Path(adapter.path).exists():
             raise RecipeError(f"adapters[{index}].path: file not found: {adapter.path!r}")
+        try:
+            check_adapter_file(adapter.path)
+        except StackError as error:
+            raise RecipeError(f"adapters[{index}].path: {error}") from None
 
 
 def _check_cache(cache: DictConfig) -> None:
@@ -100,10 +184,26 @@ def _check_cache(cache: DictConfig) -> None:
 GUIDANCE_AXES = ("guidance.uncond_interval", "guidance.distilled", "guidance.scale")
 
 
+def _check_axis_key(key: str) -> None:
+    """An axis names a recipe key: a schema field, or a key inside a free-form parameter mapping."""
+    from accel.recipe.schema import Recipe
+
+    node = OmegaConf.structured(Recipe)
+    for depth, part in enumerate(key.split(".")):
+        if isinstance(node, DictConfig) and node._metadata.object_type in (None, dict):
+            return  # inside e.g. sampler.schedule_params: the sampler checks the cell's options
+        if not isinstance(node, DictConfig) or part not in node:
+            here = ".".join(key.split(".")[:depth]) or "the recipe"
+            allowed = ", ".join(map(str, node.keys())) if isinstance(node, DictConfig) else "(none)"
+            raise RecipeError(f"ablation.axes.{key}: no key {part!r} in {here}; keys there: {allowed}")
+        node = node._get_node(part)
+
+
 def _check_ablation(ablation: DictConfig, reference_guidance) -> None:
     from omegaconf import ListConfig
 
     for key, values in ablation.axes.items():
+        _check_axis_key(str(key))
         if not isinstance(values, ListConfig) or len(values) == 0:
             raise RecipeError(f"ablation.axes.{key}: give a non-empty list of values")
         if key == "guidance.scale" and reference_guidance is None:
@@ -116,14 +216,13 @@ def _check_ablation(ablation: DictConfig, reference_guidance) -> None:
     for solver in ablation.baseline_solvers:
         _choice("ablation.baseline_solvers[]", solver, sorted(samplers.SOLVERS))
     for steps in ablation.baseline_steps:
-        _at_least("ablation.baseline_steps[]", steps, 1)
-    _at_least("ablation.grid_rows", ablation.grid_rows, 1)
+        _between("ablation.baseline_steps[]", steps, 1, MAX_STEPS)
+    _between("ablation.grid_rows", ablation.grid_rows, 1, MAX_REPEATS)
 
 
 def validate_recipe(recipe: DictConfig) -> None:
     """Raises RecipeError for the first value outside what the project supports."""
-    if not recipe.name or "/" in recipe.name:
-        raise RecipeError(f"name: {recipe.name!r} must be a non-empty name without '/'")
+    content.check_path_component(recipe.name, "name")
     _check_model(recipe.model)
     family = model_family(recipe.model)
     _check_sampling("sampler", recipe.sampler, family)
@@ -132,7 +231,7 @@ def validate_recipe(recipe: DictConfig) -> None:
     _check_adapters(recipe.adapters)
     if recipe.guidance.scale < 1.0:
         raise RecipeError(f"guidance.scale: {recipe.guidance.scale} must be >= 1 (1 disables CFG)")
-    _at_least("guidance.uncond_interval", recipe.guidance.uncond_interval, 1)
+    _between("guidance.uncond_interval", recipe.guidance.uncond_interval, 1, MAX_STEPS)
     if recipe.guidance.distilled and recipe.guidance.scale != 1.0:
         raise RecipeError("guidance.scale: a guidance-distilled model has no uncond pass; set guidance.scale=1")
     _check_cache(recipe.cache)

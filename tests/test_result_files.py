@@ -1,0 +1,122 @@
+"""Result and state files survive interruptions and bad content: atomic writes, torn journal lines,
+corrupt caches, folders owned by one command, and no pickles."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file
+
+from accel import io
+
+
+def test_corrupt_reference_cache_is_rebuilt_with_a_message(tmp_path, capsys):
+    from accel.execute import _cached_generation
+
+    cache = tmp_path / ".reference-cache" / "key.safetensors"
+    cache.parent.mkdir()
+    cache.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{\"images\": ")  # cut short
+    calls = []
+
+    def generate():
+        calls.append(1)
+        return torch.ones(2, 1, 4, 4), 123
+
+    images, flops = _cached_generation(cache, generate, "reference")
+    assert calls == [1] and flops == 123 and torch.equal(images, torch.ones(2, 1, 4, 4))
+    assert str(cache) in capsys.readouterr().err
+    images, flops = _cached_generation(cache, generate, "reference")  # the rebuilt file is read back
+    assert calls == [1] and flops == 123 and torch.equal(images, torch.ones(2, 1, 4, 4))
+
+
+def test_non_finite_images_are_never_cached(tmp_path):
+    from accel.execute import _cached_generation
+    from accel.measure import NonFiniteImagesError
+
+    cache = tmp_path / "key.safetensors"
+    with pytest.raises(NonFiniteImagesError, match="^reference: 16 of 16"):
+        _cached_generation(cache, lambda: (torch.full((1, 1, 4, 4), float("nan")), 1), "reference")
+    assert not cache.exists()
+
+
+def test_atomic_writes_keep_the_old_file_when_interrupted(tmp_path):
+    path = tmp_path / "summary.json"
+    io.write_json(path, {"a": 1})
+
+    def interrupted(temporary: Path) -> None:
+        temporary.write_text('{"a": ')
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        io.atomic_write(path, interrupted)
+    assert json.loads(path.read_text()) == {"a": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["summary.json"]  # no temporary left over
+    io.save_safetensors(tmp_path / "x.safetensors", {"images": torch.arange(4.0)}, metadata={"flops": "7"})
+    with safe_open(str(tmp_path / "x.safetensors"), framework="pt") as handle:
+        assert handle.metadata() == {"flops": "7"} and handle.get_tensor("images").tolist() == [0, 1, 2, 3]
+
+
+def test_a_torn_last_line_is_skipped_with_a_message_and_appends_continue(tmp_path, capsys):
+    path = tmp_path / "cells.rank0.jsonl"
+    io.append_jsonl(path, {"key": "a"})
+    with open(path, "a") as handle:
+        handle.write('{"key": "b", "psn')  # the interruption
+    assert io.read_jsonl(path) == [{"key": "a"}]
+    assert f"line 2 of {path}" in capsys.readouterr().err
+    io.append_jsonl(path, {"key": "c"})  # starts a line of its own
+    assert io.read_jsonl(path) == [{"key": "a"}, {"key": "c"}]
+
+
+def test_journals_of_ablate_and_benches_skip_torn_lines(tmp_path, capsys):
+    from accel.ablate import CellStore
+    from accel.bench._cache_harness import Journal
+    from accel.bench._samplers_report import RecordStore
+
+    store = CellStore(tmp_path / "abl")
+    store.add({"key": "k1", "psnr": 30.0}, torch.zeros(1, 1, 2, 2))
+    with open(tmp_path / "abl" / "cells.rank0.jsonl", "a") as handle:
+        handle.write('{"key": "k2", "ps')
+    assert list(store.finished()) == ["k1"] and "cells.rank0.jsonl" in capsys.readouterr().err
+    journal_path = tmp_path / "caches-quick.jsonl"
+    journal_path.write_text('{"key": "r", "fingerprint": "f"}\n{"key": "s", "finger')
+    assert list(Journal(journal_path, "f").done) == ["r"] and str(journal_path) in capsys.readouterr().err
+    records = tmp_path / "samplers-records-flux-digits.jsonl"
+    record = {"signature": "sig", "model": "m", "origin": "o", "solver": "s", "schedule": "f", "nfe": 4}
+    records.write_text(json.dumps(record) + "\n" + json.dumps(record)[:20])
+    assert RecordStore(records).get("sig", "m|o|s|f|4") == record and str(records) in capsys.readouterr().err
+
+
+def test_a_folder_belongs_to_the_command_that_wrote_it(tmp_path):
+    folder = tmp_path / "runs" / "x"
+    io.claim_folder(folder, "accel ablate")
+    io.claim_folder(folder, "accel ablate")  # the same command may write it again (resume)
+    with pytest.raises(io.FolderClaimedError, match="holds the results of `accel ablate`; `accel run` will not"):
+        io.claim_folder(folder, "accel run")
+    assert (folder / io.MARKER).read_text() == "accel ablate\n"
+
+
+def test_samplers_bench_caches_reference_images_as_safetensors_only(tmp_path, monkeypatch):
+    from accel.bench import samplers as bench
+    from accel.bench._samplers_models import Reference, flow_subject
+    from accel.embedded import build_flux_digits
+
+    subject = flow_subject(build_flux_digits(seed=0, num_layers=1, num_single_layers=1, attention_head_dim=8,
+                                             axes_dims_rope=(2, 2, 4)).eval(), tmp_path / "schedules")
+    subject.reference = Reference("euler", 2, "flow")
+    settings = bench.Settings(samples=2, batch_size=2)
+    noise, labels = bench._inputs(subject, settings)
+
+    def no_pickle(*args, **kwargs):
+        raise AssertionError("torch.save / torch.load must not be used")
+
+    monkeypatch.setattr(torch, "save", no_pickle)
+    monkeypatch.setattr(torch, "load", no_pickle)
+    first = bench._reference(subject, settings, noise, labels, tmp_path / "out")
+    [cached] = (tmp_path / "out").iterdir()
+    assert cached.suffix == ".safetensors" and torch.equal(load_file(cached)["images"], first)
+    monkeypatch.setattr(bench, "sample_reference", lambda *a: pytest.fail("the cached reference was not reused"))
+    assert torch.equal(bench._reference(subject, settings, noise, labels, tmp_path / "out"), first)
