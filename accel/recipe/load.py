@@ -10,9 +10,9 @@ from pathlib import Path
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
+from accel.data_files import RECIPES_DIR
 from accel.recipe.schema import Recipe
 
-RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
 DEFAULT_RECIPE = "embedded-demo"
 GROUPS = ("model", "sampler", "cache", "adapters", "guidance", "inputs", "eval", "output")
 
@@ -58,7 +58,7 @@ def _default_entries(defaults) -> list[tuple[str, str]]:
 
 
 def compose(loaded: DictConfig) -> DictConfig:
-    """Merges the recipe's `defaults` group files (recipes/<group>/<name>.yaml) under it.
+    """Merges the recipe's `defaults` group files (accel/recipes/<group>/<name>.yaml) under it.
 
     Each group file holds the contents of its section; later entries and the recipe's own keys
     override earlier ones.

@@ -7,6 +7,7 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 import samplers
+from accel.data_files import DataFileError, resolve_data_file
 from accel.recipe.load import RecipeError
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -22,6 +23,14 @@ def _choice(key: str, value, allowed) -> None:
 def _at_least(key: str, value, low) -> None:
     if value < low:
         raise RecipeError(f"{key}: {value} must be >= {low}")
+
+
+def _data_file(key: str, name, what: str, how: str = "") -> str:
+    """A walk, adapter or router file the recipe names ("embedded:..." or a path), as a path string."""
+    try:
+        return str(resolve_data_file(str(name), key=key, what=what, how=how))
+    except DataFileError as error:
+        raise RecipeError(str(error)) from None
 
 
 def is_hub_id(name: str) -> bool:
@@ -49,10 +58,13 @@ def _check_sampling(prefix: str, section: DictConfig, family: str | None) -> Non
     _at_least(f"{prefix}.steps", section.steps, 1)
     if family is None:  # a hub model: the resolver checks the fit against the real pipeline
         return
+    params = dict(section.schedule_params)
+    if section.schedule == "optimized" and params.get("path"):
+        params["path"] = _data_file(f"{prefix}.schedule_params.path", params["path"], "optimised schedule",
+                                    "make it with `accel bench samplers` or samplers.optimized.optimize_schedule")
     try:
         samplers.get_solver(section.solver).check_fits("flow", "flow")
-        samplers.make_sigmas(section.schedule, section.steps, samplers.FlowSchedule(),
-                             **dict(section.schedule_params))
+        samplers.make_sigmas(section.schedule, section.steps, samplers.FlowSchedule(), **params)
     except (TypeError, ValueError) as error:
         raise RecipeError(f"{prefix}: {error}".splitlines()[0]) from None
 
@@ -79,8 +91,8 @@ def _check_eval(evaluation: DictConfig, family: str | None) -> None:
 
 def _check_adapters(adapters) -> None:
     for index, adapter in enumerate(adapters):
-        if not Path(adapter.path).exists():
-            raise RecipeError(f"adapters[{index}].path: file not found: {adapter.path!r}")
+        _data_file(f"adapters[{index}].path", adapter.path, "file",
+                   "give a .safetensors file or a folder holding one (made by `accel train`)")
 
 
 def _check_cache(cache: DictConfig) -> None:
@@ -90,8 +102,12 @@ def _check_cache(cache: DictConfig) -> None:
     from omegaconf import OmegaConf
 
     _choice("cache.preset", cache.preset, caching.list_presets())
+    params = OmegaConf.to_container(cache.params)
+    if cache.preset == "router" and params.get("path"):
+        params["path"] = _data_file("cache.params.path", params["path"], "router file",
+                                    "train one with `accel train train/router`")
     try:
-        caching.get_preset(cache.preset, **OmegaConf.to_container(cache.params))
+        caching.get_preset(cache.preset, **params)
     except (TypeError, ValueError) as error:
         raise RecipeError(f"cache.params: {error}".splitlines()[0]) from None
 
