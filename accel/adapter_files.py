@@ -55,7 +55,8 @@ def adapter_file(path: str | Path) -> Path:
     if path.is_file():
         return path
     if not path.is_dir():
-        raise StackError(f"adapter {str(path)!r}: not a file or folder; give a .safetensors file or a folder holding one")
+        raise StackError(f"adapter {str(path)!r}: not a file or folder; give a .safetensors file or a folder "
+                         "holding one")
     files = sorted(path.glob("*.safetensors"))
     preferred = [f for f in files if f.name == "pytorch_lora_weights.safetensors"]
     if len(preferred) == 1 or len(files) == 1:

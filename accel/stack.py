@@ -54,8 +54,11 @@ def _optimized_walk(path: Any) -> Path:
     if not path:
         raise StackError("sampler.schedule_params.path: schedule optimized needs the JSON file of the walk "
                          "(made by samplers.optimized.optimize_schedule or `accel bench samplers`)")
-    return _data_file("sampler.schedule_params.path", path, "optimised schedule",
-                      "make it with samplers.optimized.optimize_schedule(...).save(path) or `accel bench samplers`")
+    found = _data_file("sampler.schedule_params.path", path, "optimised schedule",
+                       "make it with samplers.optimized.optimize_schedule(...).save(path) or `accel bench samplers`")
+    if not found.is_file():
+        raise StackError(f"sampler.schedule_params.path: {path} is a folder; name the walk's JSON file in it")
+    return found
 
 
 def _data_file(key: str, name: Any, what: str, how: str) -> Path:

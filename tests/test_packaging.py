@@ -126,5 +126,6 @@ def test_recipes_path_prints_the_installed_file(tmp_path, monkeypatch, capsys):
     assert capsys.readouterr().out == f"{RECIPES_DIR / 'embedded-demo.yaml'}\n"
     for bad in ("nope", "../cli.py"):
         assert main(["recipes", "path", bad]) == 2
-        assert capsys.readouterr().err.strip() == (f"accel: error: no shipped recipe {bad!r}; names as `accel recipes "
-                                                   "list` prints them (e.g. embedded-demo, launch/accelerate-cpu-2proc)")
+        assert capsys.readouterr().err.strip() == (
+            f"accel: error: no shipped recipe {bad!r}; names as `accel recipes list` prints them "
+            "(e.g. embedded-demo, launch/accelerate-cpu-2proc)")

@@ -258,6 +258,9 @@ def test_optimized_walks_are_found_from_any_working_directory(tmp_path, monkeypa
         SamplerPlan("unipc_bh2", 6, "optimized", {"path": "nowhere.json"})
     # a source-tree path is no longer looked up beside the package
     with pytest.raises(StackError, match="optimised schedule not found: accel/embedded/weights/"):
-        SamplerPlan("unipc_bh2", 6, "optimized", {"path": "accel/embedded/weights/flux-digits/schedules/unipc_bh2-nfe6.json"})
+        SamplerPlan("unipc_bh2", 6, "optimized",
+                    {"path": "accel/embedded/weights/flux-digits/schedules/unipc_bh2-nfe6.json"})
+    with pytest.raises(StackError, match="^sampler.schedule_params.path: embedded:flux-digits/schedules is a folder"):
+        SamplerPlan("unipc_bh2", 6, "optimized", {"path": "embedded:flux-digits/schedules"})
     with pytest.raises(StackError, match="schedule optimized needs the JSON file"):
         SamplerPlan("unipc_bh2", 6, "optimized")
