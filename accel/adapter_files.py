@@ -12,6 +12,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from accel.io import first_line
+from accel.data_files import DataFileError, resolve_data_file
 from accel.stack import StackError
 
 # Safetensors metadata keys by which a distilled adapter names what it was trained for.
@@ -110,12 +111,22 @@ def check_adapter_fits(model, path: str | Path, prefix: str) -> Path:
 
 
 def adapter_file(path: str | Path) -> Path:
-    """The adapter's .safetensors file: `path` itself, or the one file in a folder."""
-    path = Path(path)
+    """The adapter's .safetensors file: `path` itself, or the one file in a folder.
+
+    Args:
+        path: "embedded:adapters/<name>" (shipped inside the package) or a filesystem path
+            (accel.data_files.resolve_data_file).
+    """
+    try:
+        path = resolve_data_file(str(path), key="adapter", what="file",
+                                 how="give a .safetensors file or a folder holding one (made by `accel train`)")
+    except DataFileError as error:
+        raise StackError(str(error)) from None
     if path.is_file():
         return path
     if not path.is_dir():
-        raise StackError(f"adapter {str(path)!r}: not found; give a .safetensors file or a folder holding one")
+        raise StackError(f"adapter {str(path)!r}: not a file or folder; give a .safetensors file or a folder "
+                         "holding one")
     files = sorted(path.glob("*.safetensors"))
     preferred = [f for f in files if f.name == "pytorch_lora_weights.safetensors"]
     if len(preferred) == 1 or len(files) == 1:

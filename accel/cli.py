@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from accel.io import first_line
-from accel.recipe import RecipeError, find_recipe, load_recipe, to_yaml
+from accel.recipe import RECIPES_DIR, RecipeError, find_recipe, load_recipe, to_yaml
 from accel.recipe.load import list_recipes
 
 
@@ -54,13 +55,26 @@ def _is_training_recipe(name: str) -> bool:
     return "objective" in read_recipe_file(find_recipe(name))
 
 
+def shipped_recipe_path(name: str) -> Path:
+    """The installed file of a shipped recipe or launch config, e.g. "launch/accelerate-cpu-2proc"."""
+    root = RECIPES_DIR.resolve()
+    path = (root / (name if name.endswith(".yaml") else name + ".yaml")).resolve()
+    if not path.is_relative_to(root) or not path.is_file():
+        raise RecipeError(f"no shipped recipe {name!r}; names as `accel recipes list` prints them "
+                          "(e.g. embedded-demo, launch/accelerate-cpu-2proc)")
+    return path
+
+
 def _recipes(args: argparse.Namespace) -> int:
     if args.action == "list":
         for group, names in list_recipes().items():
             print(f"{group}: {', '.join(names)}")
         return 0
     if args.name is None:
-        raise RecipeError("accel recipes show needs a recipe name (see: accel recipes list)")
+        raise RecipeError(f"accel recipes {args.action} needs a recipe name (see: accel recipes list)")
+    if args.action == "path":
+        print(shipped_recipe_path(args.name))
+        return 0
     if args.resolved and _is_training_recipe(args.name):
         from accel.recipe.train_schema import load_train_recipe
 
@@ -103,9 +117,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--quick", action="store_true",
                        help="smoke run: 3 steps, a 16-trajectory teacher, files under runs/train-quick/")
     train.set_defaults(handler=_train)
-    recipes = commands.add_parser("recipes", help="list shipped recipes or show one")
-    recipes.add_argument("action", choices=["list", "show"])
-    recipes.add_argument("name", nargs="?", default=None, help="recipe name or path (for show)")
+    recipes = commands.add_parser("recipes", help="list shipped recipes, show one, or print its installed path")
+    recipes.add_argument("action", choices=["list", "show", "path"],
+                         help="path: the installed file, e.g. for accelerate's --config_file")
+    recipes.add_argument("name", nargs="?", default=None,
+                         help="recipe name or path (show); shipped name, e.g. launch/accelerate-cpu-2proc (path)")
     recipes.add_argument("overrides", nargs="*", help="key=value overrides (with --resolved)")
     recipes.add_argument("--resolved", action="store_true", help="show the merged, validated recipe")
     recipes.set_defaults(handler=_recipes)

@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from accel import measure
 from accel.adapter_files import check_adapter_fits
+from accel.data_files import resolve_data_file
 from accel.distributed import batch_slices, is_main_process, map_batches
 from accel.embedded import FLUX_DIGITS_DIR, JudgeFeatures, load_flux_digits, load_judge
 from accel.embedded.data import real_reference_set
@@ -72,9 +73,13 @@ def check_adapters_fit(recipe: DictConfig, model) -> None:
 
 
 def plan_from(section: DictConfig) -> SamplingPlan:
+    """The sampling plan of a recipe section (sampler or eval.reference); an optimised walk's
+    `embedded:` name resolved to its file inside the package."""
+    params = OmegaConf.to_container(section.schedule_params)
+    if section.schedule == "optimized" and params.get("path"):
+        params["path"] = str(resolve_data_file(params["path"], what="optimised schedule"))
     return SamplingPlan(solver=section.solver, steps=section.steps, schedule=section.schedule,
-                        schedule_params=OmegaConf.to_container(section.schedule_params),
-                        solver_params=OmegaConf.to_container(section.solver_params))
+                        schedule_params=params, solver_params=OmegaConf.to_container(section.solver_params))
 
 
 class Evaluator:

@@ -20,12 +20,11 @@ from typing import Any
 
 import caching
 import samplers
+from accel.data_files import DataFileError, resolve_data_file
 from caching import BlockRangeScope, CacheConfig
 
 # Scope overrides a resolver rule may put on a preset, by name (recipes never name Python paths).
 SCOPE_OVERRIDES = {"blocks": BlockRangeScope}
-# The project folder (holding recipes/ and accel/): relative walk files in recipes are found here too.
-PROJECT_DIR = Path(__file__).resolve().parents[1]
 
 
 class StackError(ValueError):
@@ -50,20 +49,24 @@ def _format_params(params: Mapping[str, Any]) -> str:
 
 
 def _optimized_walk(path: Any) -> Path:
-    """An optimised schedule file: as given, or relative to the project folder (where shipped
-    recipes name the embedded models' walks), so a recipe runs from any working directory."""
+    """An optimised schedule file: `embedded:<model>/schedules/<file>.json` (shipped inside the
+    package) or a path relative to the working directory (accel.data_files.resolve_data_file)."""
     if not path:
         raise StackError("sampler.schedule_params.path: schedule optimized needs the JSON file of the walk "
                          "(made by samplers.optimized.optimize_schedule or `accel bench samplers`)")
-    given = Path(str(path))
-    if given.is_file() or given.is_absolute():
-        found = given
-    else:
-        found = PROJECT_DIR / given
+    found = _data_file("sampler.schedule_params.path", path, "optimised schedule",
+                       "make it with samplers.optimized.optimize_schedule(...).save(path) or `accel bench samplers`")
     if not found.is_file():
-        raise StackError(f"sampler.schedule_params.path: no optimised schedule at {given}; make it with "
-                         "samplers.optimized.optimize_schedule(...).save(path) or `accel bench samplers`")
+        raise StackError(f"sampler.schedule_params.path: {path} is a folder; name the walk's JSON file in it")
     return found
+
+
+def _data_file(key: str, name: Any, what: str, how: str) -> Path:
+    """resolve_data_file, its error as a StackError."""
+    try:
+        return resolve_data_file(str(name), key=key, what=what, how=how)
+    except DataFileError as error:
+        raise StackError(str(error)) from None
 
 
 @dataclass(frozen=True)
@@ -133,6 +136,9 @@ class CachePlan:
         object.__setattr__(self, "params", dict(_plain(self.params)))
         if self.scope is not None:
             object.__setattr__(self, "scope", dict(_plain(self.scope)))
+        if self.preset == "router" and self.params.get("path"):
+            self.params["path"] = str(_data_file("cache.params.path", self.params["path"], "router file",
+                                                 "train one with `accel train train/router`"))
         self.build()  # validates names, parameters and ranges now, as a StackError
 
     def build(self) -> CacheConfig:

@@ -244,9 +244,14 @@ def run_train_recipe(recipe: DictConfig) -> TrainResult:
 
 
 def embedded_script_parser(description: str, *, out: Path, lr: float, ema_decay: float) -> argparse.ArgumentParser:
-    """The flags shared by scripts/train_embedded*.py (each script adds its objective's own)."""
+    """The flags shared by scripts/train_embedded*.py (each script adds its objective's own).
+
+    `--out` is required: these developer tools write where they are told, and regenerate the shipped
+    weights (`out`, inside the package) only when that folder is named explicitly.
+    """
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=out)
+    parser.add_argument("--out", type=Path, required=True,
+                        help=f"folder for the final weights (the shipped ones: {out})")
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--batch-size", type=int, default=96)
     parser.add_argument("--lr", type=float, default=lr)

@@ -21,7 +21,7 @@ fi
 declare -A LIMIT=([step-distill-4]=300 [step-distill-4-cfg-reuse]=300 [router]=80 [step-distill-8]=260 [cache-aware]=130)
 for recipe in ${RECIPES:-step-distill-4 step-distill-4-cfg-reuse router step-distill-8 cache-aware}; do
   start=$(date +%s)
-  timeout "${LIMIT[$recipe]:-120}" $PY -m accel train "recipes/train/$recipe.yaml" objective.params.device=${DEVICE:-cuda} \
+  timeout "${LIMIT[$recipe]:-120}" $PY -m accel train "train/$recipe" objective.params.device=${DEVICE:-cuda} \
     ${TRAIN_OVERRIDES:-} > "$OUT/log-$recipe.txt" 2>&1
   echo "$recipe: exit $? in $(( $(date +%s) - start )) s" | tee -a "$OUT/train.txt"
   tail -2 "$OUT/log-$recipe.txt"

@@ -1,6 +1,7 @@
 """Trains the embedded FLUX-architecture digit model (rectified flow, class-conditional, CFG dropout).
 
-    python scripts/train_embedded.py                    # full run (about 45-70 minutes on 2 CPU cores)
+    python scripts/train_embedded.py --out accel/embedded/weights/flux-digits   # regenerate the shipped model
+                                                                     # (about 45-70 minutes on 2 CPU cores)
     python scripts/train_embedded.py --steps 50 --out /tmp/quick   # a smoke run
 
 A thin wrapper on the one training loop (distill.training) and the flow-matching objective

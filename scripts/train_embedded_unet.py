@@ -1,6 +1,7 @@
 """Trains the embedded epsilon-prediction digit UNet (DDPM objective, class-conditional, CFG dropout).
 
-    python scripts/train_embedded_unet.py                          # full run (estimated ~25 min on 2 free cores)
+    python scripts/train_embedded_unet.py --out accel/embedded/weights/unet-digits   # regenerate the shipped UNet
+                                                                           # (estimated ~25 min on 2 free cores)
     python scripts/train_embedded_unet.py --steps 20 --out /tmp/unet  # a smoke run
 
 Same data as the flow model (accel.embedded.data, 16x16). The objective is DDPM's

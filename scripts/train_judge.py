@@ -1,6 +1,7 @@
 """Trains the independent judge (digit classifier) on real data only, and reports held-out accuracy.
 
-    python scripts/train_judge.py            # about 5 minutes on 2 CPU cores
+    python scripts/train_judge.py --out /tmp/judge                  # about 5 minutes on 2 CPU cores
+    python scripts/train_judge.py --out accel/embedded/weights/judge  # regenerate the shipped judge
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from accel.embedded.judge import JUDGE_DIR, DigitJudge  # noqa: E402
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--out", type=Path, default=JUDGE_DIR)
+    parser.add_argument("--out", type=Path, required=True, help=f"folder for the judge (the shipped one: {JUDGE_DIR})")
     parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--lr", type=float, default=2e-3)

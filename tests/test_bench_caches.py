@@ -75,19 +75,26 @@ def test_bench_caches_records_and_resume(tiny_model_dir, tmp_path, capsys):
 
 
 def test_saved_searches_are_reused_only_with_the_same_provenance(tiny_model_dir, tmp_path, capsys):
-    model_dir = tmp_path / "model"  # a copy: the module's model folder holds the other test's searches
-    shutil.copytree(tiny_model_dir, model_dir, ignore=shutil.ignore_patterns("cache-schedules"))
+    model_dir = tmp_path / "model"  # a copy, to ship a search in below
+    shutil.copytree(tiny_model_dir, model_dir)
     variant = Variant("accel", "taylorseer", {"steps": "calibrated 3", "warmup": 0.0}, calibrate="steps")
+    name = "taylorseer-steps=calibrated_3,warmup=0.0.json"
     caches.run(True, None, tmp_path / "a", settings=_settings(model_dir), variant_list=[variant])
-    saved = list((model_dir / "cache-schedules").glob("taylorseer-steps=calibrated_3,warmup=0.0.json"))
-    assert len(saved) == 1 and "saved the search" in capsys.readouterr().out
-    first = json.loads(saved[0].read_text())
+    saved = tmp_path / "a" / "calibrations" / "model" / "cache-schedules" / name
+    assert saved.is_file() and "saved the search" in capsys.readouterr().out
+    assert not (model_dir / "cache-schedules").exists()  # nothing is written beside the weights
+    first = json.loads(saved.read_text())
+    (model_dir / "cache-schedules").mkdir()  # ship it: a new output folder reads the shipped copy
+    shutil.copy(saved, model_dir / "cache-schedules" / name)
     caches.run(True, None, tmp_path / "b", settings=_settings(model_dir), variant_list=[variant])
     assert "saved the search" not in capsys.readouterr().out  # loaded, not searched
+    assert not (tmp_path / "b" / "calibrations").exists()
     other_seed = dataclasses.replace(_settings(model_dir), calibration_seed=5)
     caches.run(True, None, tmp_path / "c", settings=other_seed, variant_list=[variant])
     assert "saved the search" in capsys.readouterr().out
-    assert json.loads(saved[0].read_text())["provenance"]["calibration_seed"] == 5
+    mine = tmp_path / "c" / "calibrations" / "model" / "cache-schedules" / name
+    assert json.loads(mine.read_text())["provenance"]["calibration_seed"] == 5
+    assert json.loads((model_dir / "cache-schedules" / name).read_text()) == first  # the shipped copy untouched
     assert first["provenance"]["calibration_seed"] == 90_210
 
 

@@ -1,5 +1,6 @@
 """`accel bench samplers` machinery on tiny random-weight models: records, skips, outputs, resume."""
 
+import dataclasses
 import json
 
 import pytest
@@ -56,7 +57,9 @@ def test_records_skips_outputs_and_resume(flow, tmp_path, capsys):
     assert len(summary["records"]) == 3
     assert any("heun/flow NFE 4" in line and "nfe=3 or 5" in line for line in summary["skipped"])
     assert (tmp_path / "run" / "samplers.png").stat().st_size > 0
-    assert (flow.schedule_dir / "euler-nfe4.json").is_file()
+    # the searched walk is saved under the run's output folder, never beside the (shipped) weights
+    assert (tmp_path / "run" / "calibrations" / "flux-digits" / "schedules" / "euler-nfe4.json").is_file()
+    assert not flow.schedule_dir.exists()
     out = capsys.readouterr().out
     assert "Best per NFE" in out and "Time taken" in out
 
@@ -92,12 +95,36 @@ def test_calibrator_searches_from_every_start_and_keeps_the_best(flow, tmp_path)
     from accel.bench._samplers_optimized import Calibrator
     from samplers.schedules import OptimizedSchedule
 
-    flow.weights_dir = tmp_path
+    flow.weights_dir = tmp_path / "weights"
     calibrator = Calibrator(flow, Calibration(samples=2, sweeps=1, iterations=1, reference_nfe=6),
-                            log=lambda message: None)
-    saved = OptimizedSchedule.load(calibrator.get("euler", 4))
+                            tmp_path / "out", log=lambda message: None)
+    found = calibrator.get("euler", 4)
+    assert found == tmp_path / "out" / "euler-nfe4.json" and not flow.weights_dir.exists()
+    saved = OptimizedSchedule.load(found)
     starts = saved.reference["starts"]
     assert set(starts) == set(flow.schedules)
     assert saved.initial_schedule == min(starts, key=starts.get)
     assert saved.reference["objective_value"] == pytest.approx(min(starts.values()), abs=1e-6)
     assert calibrator.existing("euler", 4) is not None
+
+
+def test_calibrator_reads_its_output_folder_first_then_the_shipped_walk(flow, tmp_path):
+    import shutil
+
+    from accel.bench._samplers_optimized import Calibrator
+
+    calibration = Calibration(samples=2, sweeps=1, iterations=1, reference_nfe=6)
+    flow.weights_dir = tmp_path / "weights"
+    made = Calibrator(flow, calibration, tmp_path / "first", log=lambda message: None).get("euler", 4)
+    flow.schedule_dir.mkdir(parents=True)
+    shipped = shutil.copy(made, flow.schedule_dir / made.name)
+    calibrator = Calibrator(flow, calibration, tmp_path / "second", log=lambda message: None)
+    searched = []
+    calibrator.search = lambda *args: searched.append(args)  # a search would be a failure here
+    assert calibrator.get("euler", 4) == shipped and searched == []
+    (tmp_path / "second").mkdir()
+    own = shutil.copy(made, tmp_path / "second" / made.name)
+    assert calibrator.get("euler", 4) == own
+    other = Calibrator(flow, dataclasses.replace(calibration, seed=8), tmp_path / "second", log=lambda message: None)
+    assert other.existing("euler", 4) is None  # another provenance: neither copy fits
+    assert sorted(p.name for p in flow.schedule_dir.iterdir()) == ["euler-nfe4.json"]

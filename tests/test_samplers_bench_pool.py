@@ -1,5 +1,7 @@
 """`accel bench samplers` on its worker pool gives the records of the in-process run (tiny models)."""
 
+import shutil
+
 import pytest
 import torch
 
@@ -25,11 +27,13 @@ def test_pool_and_in_process_runs_agree(tmp_path):
         calibration=Calibration(samples=2, iterations=1, reference_nfe=6),
         model_dirs={name: str(folder) for name, folder in dirs.items()})
     pooled = bench.run(True, None, tmp_path / "pool", settings=settings)
-    schedule = dirs["flux-digits"] / "schedules" / "unipc_bh2-nfe4.json"
-    assert schedule.is_file()
-    stamp = schedule.stat().st_mtime_ns
+    searched = tmp_path / "pool" / "calibrations" / "flux-digits" / "schedules" / "unipc_bh2-nfe4.json"
+    assert searched.is_file() and not (dirs["flux-digits"] / "schedules").exists()  # weights folder untouched
+    shipped = dirs["flux-digits"] / "schedules" / "unipc_bh2-nfe4.json"  # ship it beside the weights
+    shipped.parent.mkdir()
+    shutil.copy(searched, shipped)
     alone = bench.run(True, None, tmp_path / "alone", settings=bench.Settings(**{**vars(settings), "workers": 1}))
-    assert schedule.stat().st_mtime_ns == stamp  # the calibrated schedule is reused, not remade
+    assert not (tmp_path / "alone" / "calibrations").exists()  # the shipped walk is reused, not remade
 
     def key(record):
         return record["model"], record["origin"], record["solver"], record["schedule"], record["nfe"]

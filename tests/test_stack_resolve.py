@@ -245,12 +245,22 @@ def test_resolved_stack_is_saved_with_its_decisions(tmp_path):
 
 
 def test_optimized_walks_are_found_from_any_working_directory(tmp_path, monkeypatch):
+    from accel.data_files import EMBEDDED_WEIGHTS_DIR
+
     monkeypatch.chdir(tmp_path)
-    shipped = "accel/embedded/weights/flux-digits/schedules/unipc_bh2-nfe6.json"
-    plan = SamplerPlan("unipc_bh2", 6, "optimized", {"path": shipped})
+    plan = SamplerPlan("unipc_bh2", 6, "optimized", {"path": "embedded:flux-digits/schedules/unipc_bh2-nfe6.json"})
     path = Path(plan.schedule_params["path"])
-    assert path.is_absolute() and path.is_file() and str(path).endswith(shipped)
-    with pytest.raises(StackError, match="no optimised schedule at nowhere.json; make it with"):
+    assert path == EMBEDDED_WEIGHTS_DIR / "flux-digits" / "schedules" / "unipc_bh2-nfe6.json" and path.is_file()
+    (tmp_path / "walk.json").write_bytes(path.read_bytes())  # any other name: relative to the working directory
+    assert SamplerPlan("unipc_bh2", 6, "optimized", {"path": "walk.json"}).schedule_params["path"] == "walk.json"
+    with pytest.raises(StackError, match="^sampler.schedule_params.path: optimised schedule not found: nowhere.json; "
+                                         "make it with"):
         SamplerPlan("unipc_bh2", 6, "optimized", {"path": "nowhere.json"})
+    # a source-tree path is no longer looked up beside the package
+    with pytest.raises(StackError, match="optimised schedule not found: accel/embedded/weights/"):
+        SamplerPlan("unipc_bh2", 6, "optimized",
+                    {"path": "accel/embedded/weights/flux-digits/schedules/unipc_bh2-nfe6.json"})
+    with pytest.raises(StackError, match="^sampler.schedule_params.path: embedded:flux-digits/schedules is a folder"):
+        SamplerPlan("unipc_bh2", 6, "optimized", {"path": "embedded:flux-digits/schedules"})
     with pytest.raises(StackError, match="schedule optimized needs the JSON file"):
         SamplerPlan("unipc_bh2", 6, "optimized")

@@ -80,7 +80,8 @@ def test_the_embedded_training_scripts_write_the_model_to_out_and_the_state_besi
     from accel.train import embedded_script_parser, run_embedded_script
 
     parser = embedded_script_parser("scripts/train_embedded_unet.py", out=tmp_path / "unet", lr=5e-4, ema_decay=0.999)
-    args = parser.parse_args(["--steps", "2", "--batch-size", "2", "--threads", "1", "--checkpoint-every", "1"])
+    args = parser.parse_args(["--out", str(tmp_path / "unet"), "--steps", "2", "--batch-size", "2", "--threads", "1",
+                              "--checkpoint-every", "1"])
     result = run_embedded_script("ddpm", args, beta_schedule="scaled_linear")
     assert result.exported == tmp_path / "unet" and (tmp_path / "unet" / "training.json").is_file()
     assert result.loss_log == tmp_path / "unet-checkpoint" / "loss.csv"

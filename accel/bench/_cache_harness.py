@@ -92,9 +92,11 @@ class Bench:
     Args:
         settings: what to generate and measure.
         evaluator: optional replacement for accel.run.Evaluator (tests use a cheaper one).
+        placements_dir: where searched placements and gains are saved (the ones shipped in
+            `<model_dir>/cache-schedules/` are only read).
     """
 
-    def __init__(self, settings: Settings, evaluator=None) -> None:
+    def __init__(self, settings: Settings, evaluator=None, *, placements_dir: Path) -> None:
         self.settings = settings
         self.model = load_flux_digits(settings.model_dir)
         self.hash = model_hash(self.model)
@@ -112,10 +114,10 @@ class Bench:
         self._bare = self._probe_output()
         self._layout = _module_layout(self.model.transformer)
         s = settings
-        self.placements = PlacementStore(Path(s.model_dir) / "cache-schedules", {
+        self.placements = PlacementStore(Path(placements_dir), {
             "weights": self.hash, "guidance": s.guidance, "reference_steps": s.reference_steps,
             "classes": list(s.classes), "calibration_seed": s.calibration_seed,
-            "calibration_samples": s.calibration_samples})
+            "calibration_samples": s.calibration_samples}, shipped=Path(s.model_dir) / "cache-schedules")
 
     def _probe_inputs(self):
         generator = torch.Generator().manual_seed(12345)

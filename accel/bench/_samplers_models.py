@@ -21,7 +21,7 @@ from accel.embedded import NULL_CLASS, FluxDigits
 from accel.embedded.unet import UNetDigits
 from accel.generate import flux_digits_denoiser
 
-# Guidance scales: the flow model's reference setting (recipes/embedded-demo.yaml, its eval script)
+# Guidance scales: the flow model's reference setting (the embedded-demo recipe, its eval script)
 # and the UNet's (its weights were checked with 50-step DDIM at guidance 3: accuracy 0.995, FD 0.63).
 FLOW_GUIDANCE = 4.0
 EPSILON_GUIDANCE = 3.0
@@ -58,7 +58,7 @@ class BenchModel:
         schedules: our schedule names for this family -> their options.
         reference: the fine-step reference.
         guidance: the CFG scale used everywhere (model, reference and diffusers loops).
-        weights_dir: the folder of the weights (optimised schedules are saved under it).
+        weights_dir: the folder of the weights (its schedules/ holds shipped optimised walks, only read).
         fingerprint: a hash of the weights (records and schedules of other weights are not reused).
         shape: the shape of one sample.
     """

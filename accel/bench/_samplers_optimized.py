@@ -1,5 +1,6 @@
 """Optimised schedules for the samplers benchmark: calibrated once per (model weights, solver, NFE)
-on calibration seeds disjoint from the evaluation seeds, saved next to the weights, then reused.
+on calibration seeds disjoint from the evaluation seeds, saved under the bench's output folder
+(`<out>/calibrations/<model>/schedules/`), then reused.
 
 The search (`samplers.optimized.optimize_schedule`) is a local one, so it runs from each of our
 named schedules of the model's family in turn and keeps the walk with the best calibration
@@ -10,7 +11,9 @@ that was best before the search lost 1-2 dB on the UNet: at NFE 6 the log-SNR wa
 The calibration reference is cheaper than the benchmark's 200-step Heun: UniPC-bh2 at 60 NFE on the
 same schedule, which agrees with it to 51 dB (flow) and 55 dB (UNet), far above the 25-40
 dB the calibrated walks reach. A saved file is reused only if it was made for the same weights
-(fingerprint), guidance scale and calibration settings; otherwise it is recalibrated.
+(fingerprint), guidance scale and calibration settings; otherwise it is recalibrated. The output
+folder's copy is looked at first, then the one shipped beside the weights
+(`<weights>/schedules/`, read-only: nothing is written inside the installed package).
 """
 
 from __future__ import annotations
@@ -70,19 +73,27 @@ class Calibrator:
     """Finds, loads or makes the optimised schedule of one model for (solver, NFE).
 
     Args:
-        subject: the model.
+        subject: the model (its `schedule_dir` holds the shipped walks, only read).
         calibration: the calibration set and effort.
+        save_dir: where new searches are written, e.g. `<out>/calibrations/flux-digits/schedules`.
         log: `log(message)` for progress lines.
     """
 
-    def __init__(self, subject: BenchModel, calibration: Calibration, log: Callable[[str], None] = print):
+    def __init__(self, subject: BenchModel, calibration: Calibration, save_dir: Path,
+                 log: Callable[[str], None] = print):
         self.subject = subject
         self.calibration = calibration
+        self.save_dir = Path(save_dir)
         self.log = log
         self._inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     def path(self, solver: str, nfe: int) -> Path:
-        return self.subject.schedule_dir / f"{solver}-nfe{nfe}.json"
+        """Where a new search for (solver, NFE) is saved."""
+        return self.save_dir / f"{solver}-nfe{nfe}.json"
+
+    def candidates(self, solver: str, nfe: int) -> list[Path]:
+        """Saved walks to try, in order: the output folder's, then the shipped one."""
+        return [self.path(solver, nfe), self.subject.schedule_dir / f"{solver}-nfe{nfe}.json"]
 
     def provenance(self) -> dict:
         """What a saved schedule must have been made with to be reused."""
@@ -94,16 +105,23 @@ class Calibrator:
                 "penalty": calibration.penalty, "compensation": calibration.compensation}
 
     def existing(self, solver: str, nfe: int) -> Path | None:
-        """The saved schedule's path if it fits these weights and settings, else None."""
-        path = self.path(solver, nfe)
+        """The first saved schedule (output folder, then shipped) that fits these weights and
+        settings, else None."""
+        for path in self.candidates(solver, nfe):
+            if self._fits(path, solver, nfe):
+                return path
+        return None
+
+    def _fits(self, path: Path, solver: str, nfe: int) -> bool:
+        """Whether the file at `path` is a walk for (solver, NFE) made with this provenance."""
         if not path.is_file():
-            return None
+            return False
         try:
             stored = OptimizedSchedule.load(path)
         except (ValueError, TypeError, json.JSONDecodeError):
-            return None
+            return False
         made = stored.reference.get("bench", {})
-        return path if made == self.provenance() and stored.solver == solver and stored.nfe == nfe else None
+        return made == self.provenance() and stored.solver == solver and stored.nfe == nfe
 
     def digest(self, solver: str, nfe: int) -> str | None:
         """A short hash of the saved schedule that fits (records made with another are stale), or None."""

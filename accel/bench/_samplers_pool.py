@@ -46,7 +46,8 @@ def _context(name: str, settings, out_dir: Path) -> _Context:
     if key not in _CONTEXTS:
         subject, configs, betas = bench.load_subject(name, settings)
         skipped: list[str] = []
-        calibrator = Calibrator(subject, settings.calibration, log=tqdm.write)
+        calibrator = Calibrator(subject, settings.calibration, bench.calibrations_dir(out_dir, subject),
+                                log=tqdm.write)
         jobs = bench.plan_jobs(subject, configs, betas, settings, calibrator, skipped)
         _CONTEXTS[key] = _Context(subject, jobs, skipped, report.RecordStore(bench.records_path(out_dir, subject)))
     return _CONTEXTS[key]

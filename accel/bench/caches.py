@@ -14,8 +14,9 @@ Outputs under `out_dir`: caches.jsonl (finished records; a rerun skips them), ca
 caches.md (tables), caches.png (FLOPs speedup vs PSNR with per-origin frontiers). The anchors
 need the `bench` extra (`pip install -e .[bench]`); without it they are skipped with a note.
 Variants with `steps="calibrated K"` (and `gains="calibrated"`) load their searched placement and
-forecast gains from `<model_dir>/cache-schedules/` when the provenance matches, else search them
-on the calibration seeds first and save them there (`_cache_placements.PlacementStore`).
+forecast gains when the provenance matches, from `out_dir/calibrations/<model>/cache-schedules/`
+first, then from the shipped `<model_dir>/cache-schedules/` (only read); else they search them on
+the calibration seeds first and save them under `out_dir` (`_cache_placements.PlacementStore`).
 """
 
 from __future__ import annotations
@@ -152,6 +153,11 @@ def measure_all(bench: Bench, variant_list: list[Variant], out_dir: Path, mode: 
     return records
 
 
+def placements_dir(out_dir: Path, settings: Settings) -> Path:
+    """Where the run saves new placement and gains searches: the shipped layout under the output folder."""
+    return Path(out_dir) / "calibrations" / Path(settings.model_dir).name / "cache-schedules"
+
+
 def _quiet_anchor_logs() -> None:
     logging.getLogger("CACHE_DIT").setLevel(logging.ERROR)
     logging.getLogger("caching").setLevel(logging.ERROR)
@@ -175,7 +181,7 @@ def run(quick: bool, json_path: Path | None, out_dir: Path, *, settings: Setting
     settings = settings or default_settings(quick)
     variant_list = variants(quick) if variant_list is None else variant_list
     mode = "quick" if quick else "full"
-    bench = Bench(settings, evaluator)
+    bench = Bench(settings, evaluator, placements_dir=placements_dir(out_dir, settings))
     print(f"accel bench caches ({mode}): {len(bench.labels)} samples (seed {settings.seed}), "
           f"{settings.reference_steps}-step Euler "
           f"reference, guidance {settings.guidance}, {torch.get_num_threads()} threads, model {bench.hash}")

@@ -9,8 +9,9 @@ digits in the judge's features and the judge's accuracy. Records carry `nfe` (so
 per guidance branch), `model_calls` (NFE times the guidance passes), `cache` (a preset name or
 null) and `adapter` (null, "step", "cache-aware" or "router").
 
-Adapters live in accel/embedded/weights/adapters/ (trained by `accel train recipes/train/...`);
-a missing one is skipped with a note. Outputs under out_dir: distill.json, distill.md,
+The shipped adapters (`embedded:adapters/<name>`, in the package's accel/embedded/weights/adapters/,
+trained by `accel train train/...`) are named in the overrides like any recipe's; a missing one is
+skipped with a note. Outputs under out_dir: distill.json, distill.md,
 distill.png (FLOPs speedup vs PSNR) and distill-<mode>.jsonl (finished records a rerun skips).
 """
 
@@ -27,6 +28,7 @@ from tqdm import tqdm
 
 from accel import io
 from accel.bench import _distill_report as report
+from accel.data_files import embedded_name
 from accel.embedded.model import WEIGHTS_DIR
 from accel.execute import (Evaluator, add_speedups, build_inputs, load_embedded_model, measure_plan, measure_stack,
                            model_device,
@@ -62,9 +64,14 @@ class Config:
     needs: tuple[str, ...] = ()
 
 
+def _shipped(name: str) -> str:
+    """The recipe name of a shipped adapter file or folder, e.g. "embedded:adapters/step-4"."""
+    return embedded_name(f"adapters/{name}")
+
+
 def _adapter(name: str) -> str:
     """The adapter override; fused into the weights, as for deployment (no LoRA matmuls counted)."""
-    return f"adapters=[{{path: {ADAPTERS_DIR / name}, fuse: true}}]"
+    return f'adapters=[{{path: "{_shipped(name)}", fuse: true}}]'
 
 
 def _metadata(name: str) -> dict[str, str]:
@@ -109,10 +116,10 @@ def configurations(quick: bool) -> list[Config]:
         out.append(Config(f"cache-aware LoRA {steps} + {preset}", (*cache, *_guidance(aware),
                                                                    _adapter("cache-aware")),
                           cache=preset, adapter="cache-aware", needs=("cache-aware",)))
-    router = ADAPTERS_DIR / "router" / "router.safetensors"
+    router = _shipped("router/router.safetensors")
     for threshold in (0.3, 0.5, 0.7):
         out.append(Config(f"euler 50 + router@{threshold:g}", (
-            "sampler.steps=50", "cache.preset=router", f"cache.params={{path: {router}, threshold: {threshold}}}"),
+            "sampler.steps=50", "cache.preset=router", f'cache.params={{path: "{router}", threshold: {threshold}}}'),
             cache="router", adapter="router", needs=("router",)))
     return out
 

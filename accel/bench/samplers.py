@@ -5,7 +5,9 @@ For each model (the flow model `flux-digits`, the epsilon UNet `unet-digits`) ev
 samples the same seeded noise and labels with classifier-free guidance. Quality is PSNR and SSIM
 against a 200-step Heun reference of the same seeds (our Heun on uniform t for the flow model, on
 Karras sigmas for the UNet), FD to real data in the judge's feature space and the judge's class
-accuracy. Our optimised schedules are calibrated on other seeds and saved next to the weights.
+accuracy. Our optimised schedules are calibrated on other seeds; the shipped walks
+(`<weights>/schedules/`) are reused when their provenance matches, new searches are saved under
+`<out_dir>/calibrations/<model>/schedules/` and reused from there.
 
     accel bench samplers --quick --json runs/samplers.json
 
@@ -302,6 +304,11 @@ def describe(subject: BenchModel) -> dict:
                            "reference": subject.reference.describe(), "fingerprint": subject.fingerprint}}
 
 
+def calibrations_dir(out_dir: Path, subject: BenchModel) -> Path:
+    """Where the run saves the model's new optimised walks (the shipped ones are only read)."""
+    return Path(out_dir) / "calibrations" / subject.name / "schedules"
+
+
 def records_path(out_dir: Path, subject: BenchModel) -> Path:
     return out_dir / f"samplers-records-{subject.name}.jsonl"
 
@@ -310,8 +317,8 @@ def _bench_one(triple: tuple, settings: Settings, out_dir: Path) -> tuple[list, 
     """Benchmarks one model in this process; returns (records, skipped lines, the model's description)."""
     subject, configs, betas = triple
     skipped: list[str] = []
-    jobs = plan_jobs(subject, configs, betas, settings, Calibrator(subject, settings.calibration, log=tqdm.write),
-                     skipped)
+    calibrator = Calibrator(subject, settings.calibration, calibrations_dir(out_dir, subject), log=tqdm.write)
+    jobs = plan_jobs(subject, configs, betas, settings, calibrator, skipped)
     records = bench_model(subject, jobs, settings, Evaluator(settings.real_samples),
                           report.RecordStore(records_path(out_dir, subject)), out_dir)
     return records, skipped, describe(subject)

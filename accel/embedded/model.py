@@ -18,8 +18,10 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
+from accel.data_files import EMBEDDED_WEIGHTS_DIR
+
 NULL_CLASS = 10
-WEIGHTS_DIR = Path(__file__).parent / "weights"
+WEIGHTS_DIR = EMBEDDED_WEIGHTS_DIR  # inside the installed package: read-only
 FLUX_DIGITS_DIR = WEIGHTS_DIR / "flux-digits"
 
 DEFAULT_TRANSFORMER_CONFIG = dict(

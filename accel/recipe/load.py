@@ -14,9 +14,9 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationE
 
 from accel.io import first_line
 from accel.recipe import content
+from accel.data_files import RECIPES_DIR
 from accel.recipe.schema import Recipe
 
-RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
 DEFAULT_RECIPE = "embedded-demo"
 GROUPS = ("model", "sampler", "cache", "adapters", "guidance", "inputs", "eval", "output")
 WRITTEN_PATHS = ("output.dir",)  # folders a run writes to: inside the working directory unless overridden
@@ -64,7 +64,7 @@ def _default_entries(defaults) -> list[tuple[str, str]]:
 
 
 def compose(loaded: DictConfig) -> DictConfig:
-    """Merges the recipe's `defaults` group files (recipes/<group>/<name>.yaml) under it.
+    """Merges the recipe's `defaults` group files (accel/recipes/<group>/<name>.yaml) under it.
 
     Each group file holds the contents of its section; later entries and the recipe's own keys
     override earlier ones.

@@ -13,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 
 import samplers
 from accel.recipe import content
+from accel.data_files import DataFileError, resolve_data_file
 from accel.recipe.load import RecipeError
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -37,6 +38,14 @@ def _between(key: str, value, low, high) -> None:
         raise RecipeError(f"{key}: {value} must be >= {low}")
     if value > high:
         raise RecipeError(f"{key}: {value} must be <= {high}")
+
+
+def _data_file(key: str, name, what: str, how: str = "") -> str:
+    """A walk, adapter or router file the recipe names ("embedded:..." or a path), as a path string."""
+    try:
+        return str(resolve_data_file(str(name), key=key, what=what, how=how))
+    except DataFileError as error:
+        raise RecipeError(str(error)) from None
 
 
 def is_hub_id(name: str) -> bool:
@@ -95,11 +104,14 @@ def _check_sampling(prefix: str, section: DictConfig, family: str | None) -> Non
     _check_solver_options(prefix, section.solver, OmegaConf.to_container(section.solver_params))
     if family is None:  # a hub model: the resolver checks the fit against the real pipeline
         return
+    params = dict(section.schedule_params)
+    if section.schedule == "optimized" and params.get("path"):
+        params["path"] = _data_file(f"{prefix}.schedule_params.path", params["path"], "optimised schedule",
+                                    "make it with `accel bench samplers` or samplers.optimized.optimize_schedule")
     try:
         samplers.get_solver(section.solver).check_fits("flow", "flow")
-        samplers.make_sigmas(section.schedule, section.steps, samplers.FlowSchedule(),
-                             **dict(section.schedule_params))
-        _dry_run(section)
+        samplers.make_sigmas(section.schedule, section.steps, samplers.FlowSchedule(), **params)
+        _dry_run(section, params)
     except (TypeError, ValueError) as error:
         raise RecipeError(f"{prefix}: {error}".splitlines()[0]) from None
 
@@ -116,7 +128,7 @@ def _check_solver_options(prefix: str, solver: str, options: dict) -> None:
                           f"its options are: {', '.join([*accepted, 'compensation'])}")
 
 
-def _dry_run(section: DictConfig) -> None:
+def _dry_run(section: DictConfig, schedule_params: dict) -> None:
     """Runs the sampler on a 2x2 zero model, so a bad option value fails here, not mid-run."""
     import torch
 
@@ -124,7 +136,7 @@ def _dry_run(section: DictConfig) -> None:
                                  schedule=samplers.FlowSchedule())
     with torch.random.fork_rng(devices=[]):
         samplers.sample(denoiser, torch.zeros(1, 1, 2, 2), solver=section.solver, steps=section.steps,
-                        schedule=section.schedule, schedule_options=OmegaConf.to_container(section.schedule_params),
+                        schedule=section.schedule, schedule_options=schedule_params,
                         solver_options=OmegaConf.to_container(section.solver_params))
 
 
@@ -160,8 +172,8 @@ def _check_adapters(adapters) -> None:
     from accel.stack import StackError
 
     for index, adapter in enumerate(adapters):
-        if not Path(adapter.path).exists():
-            raise RecipeError(f"adapters[{index}].path: file not found: {adapter.path!r}")
+        _data_file(f"adapters[{index}].path", adapter.path, "file",
+                   "give a .safetensors file or a folder holding one (made by `accel train`)")
         try:
             check_adapter_file(adapter.path)
         except StackError as error:
@@ -175,8 +187,12 @@ def _check_cache(cache: DictConfig) -> None:
     from omegaconf import OmegaConf
 
     _choice("cache.preset", cache.preset, caching.list_presets())
+    params = OmegaConf.to_container(cache.params)
+    if cache.preset == "router" and params.get("path"):
+        params["path"] = _data_file("cache.params.path", params["path"], "router file",
+                                    "train one with `accel train train/router`")
     try:
-        caching.get_preset(cache.preset, **OmegaConf.to_container(cache.params))
+        caching.get_preset(cache.preset, **params)
     except (TypeError, ValueError) as error:
         raise RecipeError(f"cache.params: {error}".splitlines()[0]) from None
 

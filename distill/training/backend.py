@@ -59,7 +59,8 @@ def make_accelerator(config: TrainConfig):
         stage = plugin.deepspeed_config.get("zero_optimization", {}).get("stage", 0)
         if stage not in (1, 2):
             raise TrainingError(f"DeepSpeed ZeRO stage {stage}: the training loop supports stages 1 and 2 "
-                                "(stage 3 partitions the weights); use recipes/launch/deepspeed-zero2.yaml")
+                                "(stage 3 partitions the weights); use a ZeRO-2 config such as "
+                                "`accel recipes path launch/deepspeed-zero2`")
         ds_config = plugin.deepspeed_config
         if plugin.is_auto("train_micro_batch_size_per_gpu") or "train_micro_batch_size_per_gpu" not in ds_config:
             ds_config["train_micro_batch_size_per_gpu"] = 1  # objectives draw their own batches

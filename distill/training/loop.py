@@ -11,7 +11,7 @@ inf loss is caught (`TrainingError`), so no checkpoint is ever written after a b
 The objective's loss runs inside the forward of a small wrapper module that holds
 `objective.module()`, so accelerate's autocast, DDP's gradient hooks and DeepSpeed's engine all
 see an ordinary forward and backward. Under DeepSpeed (an accelerate config with
-`distributed_type: DEEPSPEED`, see recipes/launch/deepspeed-zero2.yaml) the loop sets the
+`distributed_type: DEEPSPEED`, see accel/recipes/launch/deepspeed-zero2.yaml) the loop sets the
 engine's clipping and accumulation from `TrainConfig`, and DeepSpeed runs the optimizer step.
 """
 
