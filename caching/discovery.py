@@ -145,6 +145,8 @@ def _return_form(value: ast.expr | None) -> _ReturnForm:
         if value.func.value.id == "self":
             return "call", value.func.attr
         return "tensor", value.func.value.id  # e.g. hidden_states.to(dtype)
+    if isinstance(value, (ast.BinOp, ast.UnaryOp)):
+        return "tensor", ast.unparse(value)  # e.g. hidden_states + ff_output
     return "other", ast.unparse(value) if value is not None else "None"
 
 
@@ -169,31 +171,40 @@ def delegate_of(block: nn.Module) -> tuple[str, nn.Module] | None:
     return None
 
 
-def _diffusers_metadata(cls: type):
+def streams_from_metadata(cls: type) -> dict[str, Any] | None:
+    """The streams of `cls` from diffusers' TransformerBlockRegistry, or None where it lacks the class.
+
+    diffusers decides at run time whether a block whose metadata names no text-stream index returns
+    a tuple or a tensor; here a ``return <tensor>`` in the forward means a bare tensor.
+    """
     from diffusers.hooks._helpers import TransformerBlockRegistry
     try:
-        return TransformerBlockRegistry.get(cls)
+        meta = TransformerBlockRegistry.get(cls)
     except ValueError:
         return None
-
-
-def discover_streams(cls: type) -> dict[str, Any]:
-    """hidden_arg, encoder_arg, hidden_out and encoder_out of a block class nobody registered."""
+    if meta.return_encoder_hidden_states_index is not None:
+        return dict(hidden_arg=meta.hidden_states_argument_name, encoder_arg=meta.encoder_hidden_states_argument_name,
+                    hidden_out=meta.return_hidden_states_index, encoder_out=meta.return_encoder_hidden_states_index)
     forms = return_forms(cls)
-    meta = _diffusers_metadata(cls)
-    if meta is not None:
-        if meta.return_encoder_hidden_states_index is not None:
-            return dict(hidden_arg=meta.hidden_states_argument_name,
-                        encoder_arg=meta.encoder_hidden_states_argument_name,
-                        hidden_out=meta.return_hidden_states_index,
-                        encoder_out=meta.return_encoder_hidden_states_index)
-        if forms is not None:  # diffusers checks tuple-or-tensor at run time; a returned tensor means bare
-            is_bare = any(kind == "tensor" for kind, _ in forms)
-            return dict(hidden_arg=meta.hidden_states_argument_name, encoder_arg=None,
-                        hidden_out=None if is_bare else meta.return_hidden_states_index, encoder_out=None)
+    if forms is None:
+        return None
+    is_bare = any(kind == "tensor" for kind, _ in forms)
+    return dict(hidden_arg=meta.hidden_states_argument_name, encoder_arg=None,
+                hidden_out=None if is_bare else meta.return_hidden_states_index, encoder_out=None)
+
+
+def streams_from_source(cls: type) -> dict[str, Any]:
+    """The streams of `cls` from its forward: the image argument is ``hidden_states`` (else the first),
+    the text argument ``encoder_hidden_states``; a returned tensor is a bare output, a returned tuple of
+    those names gives their indices.
+
+    Raises:
+        ValueError: the returns say neither (other values in the tuple, different forms, no source).
+    """
     params = forward_parameters(cls)
     hidden = "hidden_states" if "hidden_states" in params else (params[0] if params else "hidden_states")
     encoder = "encoder_hidden_states" if "encoder_hidden_states" in params else None
+    forms = return_forms(cls)
     if forms and all(kind == "tensor" for kind, _ in forms):
         return dict(hidden_arg=hidden, encoder_arg=None, hidden_out=None, encoder_out=None)
     if forms and len(set(forms)) == 1 and forms[0][0] == "tuple":
@@ -209,21 +220,43 @@ def discover_streams(cls: type) -> dict[str, Any]:
                      f"({shown or 'source not available'}) do not say where the streams are; register it with {call}")
 
 
+def discover_streams(cls: type) -> dict[str, Any]:
+    """hidden_arg, encoder_arg, hidden_out and encoder_out of a block class nobody registered:
+    diffusers' metadata where it has the class, else the class's forward source."""
+    return streams_from_metadata(cls) or streams_from_source(cls)
+
+
 def discover_submodules(block: nn.Module) -> tuple[dict[str, tuple[str, ...]], tuple[str, ...]]:
-    """(attention by kind, token-wise modules) among the block's direct children."""
+    """(attention by kind, token-wise modules) among the block's direct children.
+
+    Attention: diffusers' Attention and AttentionModuleMixin modules, and modules named *Attention
+    that dispatch to an attention processor; "cross" where the module says `is_cross_attention`
+    (or, without that attribute, is named attn2). Feed-forwards (diffusers' FeedForward and classes
+    named *FeedForward*) are the "mlp" kind and act token by token.
+    """
     from diffusers.models.attention import AttentionModuleMixin, FeedForward
     from diffusers.models.attention_processor import Attention
 
     kinds: dict[str, list[str]] = {"self": [], "cross": [], "mlp": []}
     tokens = []
     for name, child in block.named_children():
-        if isinstance(child, (Attention, AttentionModuleMixin)):
+        is_attention = isinstance(child, (Attention, AttentionModuleMixin)) or (  # e.g. MochiAttention
+            type(child).__name__.endswith("Attention") and callable(getattr(child, "processor", None)))
+        if is_attention:
             is_cross = getattr(child, "is_cross_attention", None)
             kinds["cross" if (name == "attn2" if is_cross is None else is_cross) else "self"].append(name)
         elif isinstance(child, FeedForward) or "FeedForward" in type(child).__name__:
             kinds["mlp"].append(name)
             tokens.append(name)
     return {kind: tuple(names) for kind, names in kinds.items() if names}, tuple(tokens)
+
+
+def submodule(block: nn.Module, path: str) -> nn.Module | None:
+    """The submodule at a dotted `path` under `block` (e.g. "block.attn1"), or None where absent."""
+    module: Any = block
+    for part in path.split("."):
+        module = getattr(module, part, None)
+    return module if isinstance(module, nn.Module) else None
 
 
 class _AttentionReached(Exception):
@@ -244,7 +277,8 @@ def first_attention_probe(names: tuple[str, ...]):
             captured.append(kwargs["hidden_states"] if "hidden_states" in kwargs else args[0])
             raise _AttentionReached
 
-        handles = [block.get_submodule(name).register_forward_pre_hook(grab, with_kwargs=True) for name in names]
+        modules = [m for m in (submodule(block, name) for name in names) if m is not None]
+        handles = [module.register_forward_pre_hook(grab, with_kwargs=True) for module in modules]
         try:
             type(block).forward(block, **bound)
         except _AttentionReached:

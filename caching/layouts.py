@@ -206,12 +206,7 @@ def transformer_blocks(model: nn.Module, layout: ModelLayout) -> list[BlockRef]:
     return refs
 
 
-def submodule(block: nn.Module, path: str) -> nn.Module | None:
-    """The submodule at a dotted `path` under `block` (e.g. "block.attn1"), or None where absent."""
-    module: Any = block
-    for part in path.split("."):
-        module = getattr(module, part, None)
-    return module if isinstance(module, nn.Module) else None
+submodule = discovery.submodule
 
 
 def bind_arguments(module: nn.Module, args: tuple, kwargs: Mapping[str, Any]) -> dict[str, Any]:

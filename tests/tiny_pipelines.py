@@ -156,7 +156,7 @@ def _qwen_scheduler():
 def _qwen_transformer():
     from diffusers import QwenImageTransformer2DModel
     torch.manual_seed(0)
-    return QwenImageTransformer2DModel(patch_size=2, in_channels=16, out_channels=4, num_layers=2,
+    return QwenImageTransformer2DModel(patch_size=2, in_channels=16, out_channels=4, num_layers=3,
                                        attention_head_dim=16, num_attention_heads=3, joint_attention_dim=16,
                                        guidance_embeds=False, axes_dims_rope=(8, 4, 4))
 
@@ -220,7 +220,7 @@ def _ltx() -> Built:
     torch.manual_seed(0)
     transformer = LTXVideoTransformer3DModel(in_channels=8, out_channels=8, patch_size=1, patch_size_t=1,
                                              num_attention_heads=4, attention_head_dim=8, cross_attention_dim=32,
-                                             num_layers=2, caption_channels=32)
+                                             num_layers=3, caption_channels=32)
     scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=True, base_shift=0.95, max_shift=2.05,
                                                 base_image_seq_len=1024, max_image_seq_len=4096, shift_terminal=0.1,
                                                 time_shift_type="exponential")
@@ -232,7 +232,7 @@ def _cogvideox() -> Built:
     from diffusers import CogVideoXDDIMScheduler, CogVideoXPipeline, CogVideoXTransformer3DModel
     torch.manual_seed(0)
     transformer = CogVideoXTransformer3DModel(num_attention_heads=4, attention_head_dim=8, in_channels=4,
-                                              out_channels=4, time_embed_dim=2, text_embed_dim=32, num_layers=2,
+                                              out_channels=4, time_embed_dim=2, text_embed_dim=32, num_layers=3,
                                               sample_width=2, sample_height=2, sample_frames=9, patch_size=2,
                                               temporal_compression_ratio=4, max_text_seq_length=8)
     scheduler = CogVideoXDDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
@@ -245,7 +245,7 @@ def _cogvideox() -> Built:
 def _mochi() -> Built:
     from diffusers import FlowMatchEulerDiscreteScheduler, MochiPipeline, MochiTransformer3DModel
     torch.manual_seed(0)
-    transformer = MochiTransformer3DModel(patch_size=2, num_attention_heads=2, attention_head_dim=8, num_layers=2,
+    transformer = MochiTransformer3DModel(patch_size=2, num_attention_heads=2, attention_head_dim=8, num_layers=3,
                                           pooled_projection_dim=16, in_channels=12, out_channels=None,
                                           qk_norm="rms_norm", text_embed_dim=32, time_embed_dim=4,
                                           activation_fn="swiglu", max_sequence_length=16)
@@ -258,7 +258,7 @@ def _allegro() -> Built:
     from diffusers import AllegroPipeline, AllegroTransformer3DModel, EulerAncestralDiscreteScheduler
     torch.manual_seed(0)
     transformer = AllegroTransformer3DModel(num_attention_heads=2, attention_head_dim=12, in_channels=4,
-                                            out_channels=4, num_layers=2, cross_attention_dim=24, sample_width=8,
+                                            out_channels=4, num_layers=3, cross_attention_dim=24, sample_width=8,
                                             sample_height=8, sample_frames=8, caption_channels=24)
     scheduler = EulerAncestralDiscreteScheduler(beta_schedule="linear", beta_start=0.0001, beta_end=0.02,
                                                 timestep_spacing="linspace")
@@ -273,7 +273,7 @@ def _allegro() -> Built:
 def _cogview4() -> Built:
     from diffusers import CogView4Pipeline, CogView4Transformer2DModel, FlowMatchEulerDiscreteScheduler
     torch.manual_seed(0)
-    transformer = CogView4Transformer2DModel(patch_size=2, in_channels=4, num_layers=2, attention_head_dim=4,
+    transformer = CogView4Transformer2DModel(patch_size=2, in_channels=4, num_layers=3, attention_head_dim=4,
                                              num_attention_heads=4, out_channels=4, text_embed_dim=32,
                                              time_embed_dim=8, condition_dim=4)
     scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=True, base_shift=0.25, max_shift=0.75,
@@ -285,7 +285,7 @@ def _cogview4() -> Built:
 def _lumina2() -> Built:
     from diffusers import FlowMatchEulerDiscreteScheduler, Lumina2Pipeline, Lumina2Transformer2DModel
     torch.manual_seed(0)
-    transformer = Lumina2Transformer2DModel(sample_size=4, patch_size=2, in_channels=4, hidden_size=8, num_layers=2,
+    transformer = Lumina2Transformer2DModel(sample_size=4, patch_size=2, in_channels=4, hidden_size=8, num_layers=3,
                                             num_refiner_layers=1, num_attention_heads=1, num_kv_heads=1,
                                             multiple_of=16, ffn_dim_multiplier=None, norm_eps=1e-5,
                                             scaling_factor=1.0, axes_dim_rope=(4, 2, 2), cap_feat_dim=8)
@@ -297,7 +297,7 @@ def _lumina2() -> Built:
 def _sana() -> Built:
     from diffusers import DPMSolverMultistepScheduler, SanaPipeline, SanaTransformer2DModel
     torch.manual_seed(0)
-    transformer = SanaTransformer2DModel(patch_size=1, in_channels=4, out_channels=4, num_layers=2,
+    transformer = SanaTransformer2DModel(patch_size=1, in_channels=4, out_channels=4, num_layers=3,
                                          num_attention_heads=2, attention_head_dim=4, num_cross_attention_heads=2,
                                          cross_attention_head_dim=4, cross_attention_dim=8, caption_channels=8,
                                          sample_size=32)
@@ -358,7 +358,7 @@ def _dit() -> Built:
     scheduler = DDIMScheduler(beta_schedule="linear", beta_start=0.0001, beta_end=0.02, clip_sample=False)
     # 1000 classes: the pipeline's unconditional class is index 1000. Learned sigma: 2 x 4 output channels.
     transformer = DiTTransformer2DModel(num_attention_heads=2, attention_head_dim=8, in_channels=4, out_channels=8,
-                                        num_layers=2, sample_size=8, patch_size=2, num_embeds_ada_norm=1000)
+                                        num_layers=3, sample_size=8, patch_size=2, num_embeds_ada_norm=1000)
     pipe = DiTPipeline(transformer=transformer, vae=vae, scheduler=scheduler, id2label={0: "zero", 1: "one"})
     return pipe, dict(class_labels=[1], guidance_scale=2.0)
 

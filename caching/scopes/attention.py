@@ -23,7 +23,7 @@ from diffusers.hooks import ModelHook
 
 from ..config import ScopeConfig
 from ..hooks import InstalledHook, install_hook
-from ..layouts import ModelLayout, submodule, transformer_blocks
+from ..layouts import ModelLayout, registration_call, submodule, transformer_blocks
 from ._common import ForecastSlot
 
 if TYPE_CHECKING:
@@ -103,7 +103,8 @@ def apply_attention_scope(runtime: "CacheRuntime", model: torch.nn.Module, layou
                           scope: AttentionScope) -> list[InstalledHook]:
     """Installs an AttentionCacheHook on every module of the requested kinds."""
     installed = []
-    for ref in transformer_blocks(model, layout):
+    blocks = transformer_blocks(model, layout)
+    for ref in blocks:
         for kind in scope.kinds:
             for attr in ref.layout.attention.get(kind, ()):
                 module = submodule(ref.module, attr)
@@ -111,7 +112,10 @@ def apply_attention_scope(runtime: "CacheRuntime", model: torch.nn.Module, layou
                     hook = AttentionCacheHook(runtime, f"{ref.name}.{attr}", kind)
                     installed.append(install_hook(module, hook, "attention"))
     if not installed:
-        raise ValueError(f"attention scope: {type(model).__name__} has no layers of kinds {scope.kinds}; "
-                         f"choose kinds among {KINDS} that its block layouts name")
+        call = registration_call(blocks[0].module, blocks[0].layout,
+                                 attention="{'self': ('<attention submodule>', ...), 'mlp': (...)}")
+        raise ValueError(f"attention scope: {type(model).__name__} has no layers of kinds {scope.kinds}; choose "
+                         f"kinds its block layouts name ({dict(blocks[0].layout.attention)}), or register them with "
+                         f"{call}")
     runtime.planners.append(_kind_planner(scope))
     return installed

@@ -21,7 +21,7 @@ from diffusers.hooks import ModelHook
 
 from ..config import ScopeConfig, check_range
 from ..hooks import InstalledHook, install_hook
-from ..layouts import ModelLayout, submodule, transformer_blocks
+from ..layouts import ModelLayout, registration_call, submodule, transformer_blocks
 
 if TYPE_CHECKING:
     from ..runtime import CacheRuntime, CallFrame
@@ -124,13 +124,15 @@ def apply_token_scope(runtime: "CacheRuntime", model: torch.nn.Module, layout: M
                       scope: TokenScope) -> list[InstalledHook]:
     """Installs a TokenCacheHook on every token-wise module the block layouts name."""
     installed = []
-    for ref in transformer_blocks(model, layout):
+    blocks = transformer_blocks(model, layout)
+    for ref in blocks:
         for attr in ref.layout.token_modules:
             module = submodule(ref.module, attr)
             if isinstance(module, torch.nn.Module):
                 hook = TokenCacheHook(runtime, f"{ref.name}.{attr}", scope)
                 installed.append(install_hook(module, hook, "tokens"))
     if not installed:
+        call = registration_call(blocks[0].module, blocks[0].layout, token_modules="('<token-wise submodule>', ...)")
         raise ValueError(f"tokens scope: the block layouts of {type(model).__name__} name no token-wise "
-                         "modules; register BlockLayout(token_modules=(...)) or choose another scope")
+                         f"modules; choose another scope, or register them with {call}")
     return installed
