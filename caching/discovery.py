@@ -47,12 +47,12 @@ def model_layout_call(model_name: str, block_lists: str = "'<ModuleList attribut
 
 def block_layout_call(block_name: str, **fields: Any) -> str:
     """The registration a user makes for a block class, with the given BlockLayout fields."""
-    rendered = ", ".join(f"{key}={value if isinstance(value, _Placeholder) else repr(value)}"
+    rendered = ", ".join(f"{key}={value if isinstance(value, Placeholder) else repr(value)}"
                          for key, value in fields.items())
     return f"caching.register_block_layout({block_name}, caching.BlockLayout({rendered}))"
 
 
-class _Placeholder(str):
+class Placeholder(str):
     """A field value printed as is (e.g. <index or None>) in a registration call."""
 
 
@@ -215,7 +215,7 @@ def streams_from_source(cls: type) -> dict[str, Any]:
                         hidden_out=names.index(hidden), encoder_out=names.index(encoder) if has_encoder else None)
     shown = "; ".join(f"return {v if k != 'tuple' else '(' + ', '.join(v) + ')'}" for k, v in forms or ())
     call = block_layout_call(cls.__name__, hidden_arg=hidden, encoder_arg=encoder,
-                             hidden_out=_Placeholder("<index or None>"), encoder_out=_Placeholder("<index or None>"))
+                             hidden_out=Placeholder("<index or None>"), encoder_out=Placeholder("<index or None>"))
     raise ValueError(f"block class {cls.__name__} has no block layout and its forward's returns "
                      f"({shown or 'source not available'}) do not say where the streams are; register it with {call}")
 

@@ -168,7 +168,7 @@ def registration_call(block: nn.Module, layout: BlockLayout, **fields: Any) -> s
     values = dict(hidden_arg=layout.hidden_arg, encoder_arg=layout.encoder_arg, hidden_out=layout.hidden_out,
                   encoder_out=layout.encoder_out, attention=dict(layout.attention),
                   token_modules=layout.token_modules)
-    values.update({key: discovery._Placeholder(value) for key, value in fields.items()})
+    values.update({key: discovery.Placeholder(value) for key, value in fields.items()})
     return discovery.block_layout_call(type(block).__name__, **values)
 
 
