@@ -13,6 +13,7 @@ Used by tests/test_pipeline_families.py and scripts/family_table.py.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -31,7 +32,7 @@ class Family:
         name: the family's key in FAMILIES.
         build: () -> (pipeline, keyword arguments of one call).
         guidance_scale: the CFG scale the call uses (1: the family runs one branch).
-        block_lists: the denoiser's block lists, in execution order, discovery must find.
+        block_lists: the denoiser's block lists, in execution order, discovery must find (() for a UNet).
     """
 
     name: str
@@ -48,6 +49,20 @@ def embeds(*shape: int, seed: int = 0) -> torch.Tensor:
 def _cond(dim: int, tokens: int = 3, **extra: torch.Tensor) -> dict:
     """prompt_embeds and negative_prompt_embeds of `tokens` tokens of width `dim`, plus `extra`."""
     return dict(prompt_embeds=embeds(1, tokens, dim), negative_prompt_embeds=embeds(1, tokens, dim, seed=1), **extra)
+
+
+def _pooled(dim: int) -> dict:
+    """pooled_prompt_embeds and negative_pooled_prompt_embeds of width `dim`."""
+    return dict(pooled_prompt_embeds=embeds(1, dim), negative_pooled_prompt_embeds=embeds(1, dim, seed=1))
+
+
+def _pipeline(cls: type, **components: Any) -> Any:
+    """`cls` built from `components`; every other component it requires (text encoders, tokenizers,
+    a VAE, image encoders) is None."""
+    params = inspect.signature(cls.__init__).parameters
+    absent = {name: None for name, param in params.items()
+              if name != "self" and name not in components and param.default is inspect.Parameter.empty}
+    return cls(**absent, **components)
 
 
 def _masks(tokens: int = 3, prompt: str = "prompt_attention_mask", dtype: torch.dtype = torch.long) -> dict:
@@ -80,15 +95,10 @@ def _pixart_dpm():
                                        lower_order_final=True)
 
 
-# ----------------------------------------------------------------------------------------- FLUX family
-
-
 def _flux() -> Built:
     from diffusers import FluxPipeline
-    pipe = FluxPipeline(scheduler=_flux_scheduler(), vae=None, text_encoder=None, tokenizer=None,
-                        text_encoder_2=None, tokenizer_2=None, transformer=tiny_model("FluxTransformer2DModel").model)
-    return pipe, dict(**_cond(16), pooled_prompt_embeds=embeds(1, 16), negative_pooled_prompt_embeds=embeds(1, 16, seed=1),
-                      true_cfg_scale=2.0, height=32, width=32)
+    pipe = _pipeline(FluxPipeline, scheduler=_flux_scheduler(), transformer=tiny_model("FluxTransformer2DModel").model)
+    return pipe, dict(**_cond(16), **_pooled(16), true_cfg_scale=2.0, height=32, width=32)
 
 
 def _tiny_vae_kl(latent_channels: int):
@@ -102,9 +112,8 @@ def _tiny_vae_kl(latent_channels: int):
 def _flux_kontext() -> Built:
     from diffusers import FluxKontextPipeline
     from PIL import Image
-    pipe = FluxKontextPipeline(scheduler=_flux_scheduler(), vae=_tiny_vae_kl(1), text_encoder=None, tokenizer=None,
-                               text_encoder_2=None, tokenizer_2=None,
-                               transformer=tiny_model("FluxTransformer2DModel").model)
+    pipe = _pipeline(FluxKontextPipeline, scheduler=_flux_scheduler(), vae=_tiny_vae_kl(1),
+                     transformer=tiny_model("FluxTransformer2DModel").model)
     image = Image.new("RGB", (4, 4), (128, 64, 32))
     return pipe, dict(image=image, prompt_embeds=embeds(1, 3, 16), pooled_prompt_embeds=embeds(1, 16),
                       guidance_scale=1.0, height=6, width=6, max_area=36, _auto_resize=False)
@@ -116,8 +125,7 @@ def _flux2() -> Built:
     transformer = Flux2Transformer2DModel(patch_size=1, in_channels=4, num_layers=2, num_single_layers=2,
                                           attention_head_dim=16, num_attention_heads=2, joint_attention_dim=16,
                                           timestep_guidance_channels=256, axes_dims_rope=(4, 4, 4, 4))
-    pipe = Flux2Pipeline(scheduler=_flux_scheduler(time_shift_type="exponential"), vae=None, text_encoder=None,
-                         tokenizer=None, transformer=transformer)
+    pipe = _pipeline(Flux2Pipeline, scheduler=_flux_scheduler(time_shift_type="exponential"), transformer=transformer)
     return pipe, dict(prompt_embeds=embeds(1, 3, 16), guidance_scale=4.0, height=32, width=32)
 
 
@@ -128,22 +136,15 @@ def _chroma() -> Built:
                                            attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
                                            axes_dims_rope=(4, 4, 8), approximator_hidden_dim=32,
                                            approximator_layers=1, approximator_num_channels=16)
-    pipe = ChromaPipeline(scheduler=_flux_scheduler(), vae=None, text_encoder=None, tokenizer=None,
-                          transformer=transformer, image_encoder=None, feature_extractor=None)
+    pipe = _pipeline(ChromaPipeline, scheduler=_flux_scheduler(), transformer=transformer)
     return pipe, dict(**_cond(32), **_masks(dtype=torch.float32), guidance_scale=2.0, height=32, width=32)
-
-
-# ----------------------------------------------------------------------------------------- MMDiT family
 
 
 def _sd3() -> Built:
     from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
-    pipe = StableDiffusion3Pipeline(transformer=tiny_model("SD3Transformer2DModel").model,
-                                    scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=None, text_encoder=None,
-                                    tokenizer=None, text_encoder_2=None, tokenizer_2=None, text_encoder_3=None,
-                                    tokenizer_3=None)
-    return pipe, dict(**_cond(16), pooled_prompt_embeds=embeds(1, 16), negative_pooled_prompt_embeds=embeds(1, 16, seed=1),
-                      height=32, width=32, guidance_scale=2.0)
+    pipe = _pipeline(StableDiffusion3Pipeline, transformer=tiny_model("SD3Transformer2DModel").model,
+                     scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0))
+    return pipe, dict(**_cond(16), **_pooled(16), height=32, width=32, guidance_scale=2.0)
 
 
 def _qwen_scheduler():
@@ -167,8 +168,7 @@ def _qwen_kwargs() -> dict:
 
 def _qwenimage() -> Built:
     from diffusers import QwenImagePipeline
-    pipe = QwenImagePipeline(scheduler=_qwen_scheduler(), vae=None, text_encoder=None, tokenizer=None,
-                             transformer=_qwen_transformer())
+    pipe = _pipeline(QwenImagePipeline, scheduler=_qwen_scheduler(), transformer=_qwen_transformer())
     return pipe, dict(**_qwen_kwargs(), height=32, width=32)
 
 
@@ -180,8 +180,7 @@ def _qwenimage_edit() -> Built:
     # without residual blocks encode that to 8 x 8 latents (16 image tokens after 2x2 packing).
     vae = AutoencoderKLQwenImage(base_dim=4, z_dim=4, dim_mult=[1] * 8, num_res_blocks=0,
                                  temperal_downsample=[False] * 7, latents_mean=[0.0] * 4, latents_std=[1.0] * 4)
-    pipe = QwenImageEditPipeline(scheduler=_qwen_scheduler(), vae=vae, text_encoder=None, tokenizer=None,
-                                 processor=None, transformer=_qwen_transformer())
+    pipe = _pipeline(QwenImageEditPipeline, scheduler=_qwen_scheduler(), vae=vae, transformer=_qwen_transformer())
     image = Image.new("RGB", (32, 32), (128, 64, 32))
     return pipe, dict(image=image, **_qwen_kwargs(), height=512, width=512)
 
@@ -194,15 +193,10 @@ def _hunyuanvideo() -> Built:
                                                  num_refiner_layers=1, patch_size=1, patch_size_t=1,
                                                  guidance_embeds=True, text_embed_dim=16, pooled_projection_dim=8,
                                                  rope_axes_dim=(2, 4, 4))
-    pipe = HunyuanVideoPipeline(text_encoder=None, tokenizer=None, transformer=transformer, vae=None,
-                                scheduler=FlowMatchEulerDiscreteScheduler(shift=7.0), text_encoder_2=None,
-                                tokenizer_2=None)
-    return pipe, dict(**_cond(16), **_masks(), pooled_prompt_embeds=embeds(1, 8),
-                      negative_pooled_prompt_embeds=embeds(1, 8, seed=1), true_cfg_scale=2.0, guidance_scale=6.0,
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=7.0)
+    pipe = _pipeline(HunyuanVideoPipeline, transformer=transformer, scheduler=scheduler)
+    return pipe, dict(**_cond(16), **_masks(), **_pooled(8), true_cfg_scale=2.0, guidance_scale=6.0,
                       height=16, width=16, num_frames=5)
-
-
-# ----------------------------------------------------------------------------------------- video
 
 
 def _wan(flow_shift: float, two_experts: bool) -> Built:
@@ -210,8 +204,7 @@ def _wan(flow_shift: float, two_experts: bool) -> Built:
     transformer = tiny_model("WanTransformer3DModel").model
     extra = dict(transformer_2=tiny_model("WanTransformer3DModel", seed=1).model, boundary_ratio=0.875) \
         if two_experts else {}
-    pipe = WanPipeline(tokenizer=None, text_encoder=None, vae=None, scheduler=_unipc_flow(flow_shift),
-                       transformer=transformer, **extra)
+    pipe = _pipeline(WanPipeline, scheduler=_unipc_flow(flow_shift), transformer=transformer, **extra)
     return pipe, dict(**_cond(16), height=32, width=32, num_frames=5, guidance_scale=2.0)
 
 
@@ -224,7 +217,7 @@ def _ltx() -> Built:
     scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=True, base_shift=0.95, max_shift=2.05,
                                                 base_image_seq_len=1024, max_image_seq_len=4096, shift_terminal=0.1,
                                                 time_shift_type="exponential")
-    pipe = LTXPipeline(scheduler=scheduler, vae=None, text_encoder=None, tokenizer=None, transformer=transformer)
+    pipe = _pipeline(LTXPipeline, scheduler=scheduler, transformer=transformer)
     return pipe, dict(**_cond(32), **_masks(), height=64, width=64, num_frames=9, guidance_scale=2.0)
 
 
@@ -238,7 +231,7 @@ def _cogvideox() -> Built:
     scheduler = CogVideoXDDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
                                        clip_sample=False, prediction_type="v_prediction", rescale_betas_zero_snr=True,
                                        set_alpha_to_one=True, snr_shift_scale=3.0, timestep_spacing="trailing")
-    pipe = CogVideoXPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=transformer, scheduler=scheduler)
+    pipe = _pipeline(CogVideoXPipeline, transformer=transformer, scheduler=scheduler)
     return pipe, dict(**_cond(32, tokens=8), height=16, width=16, num_frames=9, guidance_scale=2.0)
 
 
@@ -249,8 +242,8 @@ def _mochi() -> Built:
                                           pooled_projection_dim=16, in_channels=12, out_channels=None,
                                           qk_norm="rms_norm", text_embed_dim=32, time_embed_dim=4,
                                           activation_fn="swiglu", max_sequence_length=16)
-    pipe = MochiPipeline(scheduler=FlowMatchEulerDiscreteScheduler(invert_sigmas=True), vae=None, text_encoder=None,
-                         tokenizer=None, transformer=transformer)
+    pipe = _pipeline(MochiPipeline, scheduler=FlowMatchEulerDiscreteScheduler(invert_sigmas=True),
+                     transformer=transformer)
     return pipe, dict(**_cond(32), **_masks(), height=32, width=32, num_frames=7, guidance_scale=2.0)
 
 
@@ -262,12 +255,9 @@ def _allegro() -> Built:
                                             sample_height=8, sample_frames=8, caption_channels=24)
     scheduler = EulerAncestralDiscreteScheduler(beta_schedule="linear", beta_start=0.0001, beta_end=0.02,
                                                 timestep_spacing="linspace")
-    pipe = AllegroPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=transformer, scheduler=scheduler)
+    pipe = _pipeline(AllegroPipeline, transformer=transformer, scheduler=scheduler)
     return pipe, dict(negative_prompt=None, **_cond(24), **_masks(), height=16, width=16, num_frames=8,
                       guidance_scale=2.0)
-
-
-# ----------------------------------------------------------------------------------------- image DiTs
 
 
 def _cogview4() -> Built:
@@ -278,7 +268,7 @@ def _cogview4() -> Built:
                                              time_embed_dim=8, condition_dim=4)
     scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=True, base_shift=0.25, max_shift=0.75,
                                                 base_image_seq_len=256, time_shift_type="linear")
-    pipe = CogView4Pipeline(tokenizer=None, text_encoder=None, vae=None, transformer=transformer, scheduler=scheduler)
+    pipe = _pipeline(CogView4Pipeline, transformer=transformer, scheduler=scheduler)
     return pipe, dict(**_cond(32, tokens=16), height=32, width=32, guidance_scale=2.0)
 
 
@@ -289,8 +279,7 @@ def _lumina2() -> Built:
                                             num_refiner_layers=1, num_attention_heads=1, num_kv_heads=1,
                                             multiple_of=16, ffn_dim_multiplier=None, norm_eps=1e-5,
                                             scaling_factor=1.0, axes_dim_rope=(4, 2, 2), cap_feat_dim=8)
-    pipe = Lumina2Pipeline(transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=6.0), vae=None,
-                           text_encoder=None, tokenizer=None)
+    pipe = _pipeline(Lumina2Pipeline, transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=6.0))
     return pipe, dict(**_cond(8), **_masks(), height=32, width=32, guidance_scale=2.0)
 
 
@@ -303,17 +292,15 @@ def _sana() -> Built:
                                          sample_size=32)
     scheduler = DPMSolverMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0,
                                             algorithm_type="dpmsolver++", solver_order=2)
-    pipe = SanaPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=transformer, scheduler=scheduler)
+    pipe = _pipeline(SanaPipeline, transformer=transformer, scheduler=scheduler)
     return pipe, dict(negative_prompt=None, **_cond(8), **_masks(), height=64, width=64, guidance_scale=2.0,
-                      use_resolution_binning=False,
-                      complex_human_instruction=None)
+                      use_resolution_binning=False, complex_human_instruction=None)
 
 
 def _pixart(sigma: bool) -> Built:
     from diffusers import PixArtAlphaPipeline, PixArtSigmaPipeline
     cls = PixArtSigmaPipeline if sigma else PixArtAlphaPipeline
-    pipe = cls(tokenizer=None, text_encoder=None, vae=None, scheduler=_pixart_dpm(),
-               transformer=tiny_model("PixArtTransformer2DModel").model)
+    pipe = _pipeline(cls, scheduler=_pixart_dpm(), transformer=tiny_model("PixArtTransformer2DModel").model)
     return pipe, dict(prompt=None, negative_prompt=None, **_cond(16), **_masks(), height=32, width=32,
                       guidance_scale=2.0, use_resolution_binning=False)
 
@@ -328,13 +315,10 @@ def _hidream() -> Built:
                                                  caption_channels=[32, 16], text_emb_dim=64, num_routed_experts=4,
                                                  num_activated_experts=2, axes_dims_rope=(4, 2, 2),
                                                  max_resolution=(128, 128), llama_layers=(0, 1, 2, 3)).eval()
-    pipe = HiDreamImagePipeline(scheduler=_unipc_flow(3.0), vae=None, text_encoder=None, tokenizer=None,
-                                text_encoder_2=None, tokenizer_2=None, text_encoder_3=None, tokenizer_3=None,
-                                text_encoder_4=None, tokenizer_4=None, transformer=transformer)
+    pipe = _pipeline(HiDreamImagePipeline, scheduler=_unipc_flow(3.0), transformer=transformer)
+    llama = dict(prompt_embeds_llama3=embeds(4, 1, 3, 16), negative_prompt_embeds_llama3=embeds(4, 1, 3, 16, seed=1))
     return pipe, dict(prompt_embeds_t5=embeds(1, 3, 32), negative_prompt_embeds_t5=embeds(1, 3, 32, seed=1),
-                      prompt_embeds_llama3=embeds(4, 1, 3, 16), negative_prompt_embeds_llama3=embeds(4, 1, 3, 16, seed=1),
-                      pooled_prompt_embeds=embeds(1, 64), negative_pooled_prompt_embeds=embeds(1, 64, seed=1),
-                      height=32, width=32, guidance_scale=2.0)
+                      **llama, **_pooled(64), height=32, width=32, guidance_scale=2.0)
 
 
 def _auraflow() -> Built:
@@ -344,8 +328,7 @@ def _auraflow() -> Built:
                                              num_single_dit_layers=2, attention_head_dim=8, num_attention_heads=4,
                                              caption_projection_dim=32, joint_attention_dim=32, out_channels=4,
                                              pos_embed_max_size=16)
-    pipe = AuraFlowPipeline(tokenizer=None, text_encoder=None, vae=None, transformer=transformer,
-                            scheduler=FlowMatchEulerDiscreteScheduler(shift=1.73))
+    pipe = _pipeline(AuraFlowPipeline, transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=1.73))
     return pipe, dict(prompt=None, **_cond(32), **_masks(), height=32, width=32, guidance_scale=2.0)
 
 
@@ -363,16 +346,12 @@ def _dit() -> Built:
     return pipe, dict(class_labels=[1], guidance_scale=2.0)
 
 
-# ----------------------------------------------------------------------------------------- UNets
-
-
 def _sd15() -> Built:
     from diffusers import PNDMScheduler, StableDiffusionPipeline
     scheduler = PNDMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
                               set_alpha_to_one=False, skip_prk_steps=True, steps_offset=1)
-    pipe = StableDiffusionPipeline(vae=None, text_encoder=None, tokenizer=None,
-                                   unet=tiny_model("UNet2DConditionModel").model, scheduler=scheduler,
-                                   safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    pipe = _pipeline(StableDiffusionPipeline, unet=tiny_model("UNet2DConditionModel").model, scheduler=scheduler,
+                     requires_safety_checker=False)
     return pipe, dict(**_cond(16), height=32, width=32, guidance_scale=2.0)
 
 
@@ -387,13 +366,10 @@ def _sdxl() -> Built:
                                 cross_attention_dim=16, norm_num_groups=4).eval()
     scheduler = EulerDiscreteScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
                                        timestep_spacing="leading", steps_offset=1, interpolation_type="linear")
-    pipe = StableDiffusionXLPipeline(vae=None, text_encoder=None, text_encoder_2=None, tokenizer=None,
-                                     tokenizer_2=None, unet=unet, scheduler=scheduler)
-    return pipe, dict(**_cond(16), pooled_prompt_embeds=embeds(1, 8), negative_pooled_prompt_embeds=embeds(1, 8, seed=1),
-                      height=32, width=32, guidance_scale=2.0)
+    pipe = _pipeline(StableDiffusionXLPipeline, unet=unet, scheduler=scheduler)
+    return pipe, dict(**_cond(16), **_pooled(8), height=32, width=32, guidance_scale=2.0)
 
 
-_UNET = ()
 FAMILIES: dict[str, Family] = {f.name: f for f in [
     Family("flux", _flux, 2.0, ("transformer_blocks", "single_transformer_blocks")),
     Family("flux-kontext", _flux_kontext, 1.0, ("transformer_blocks", "single_transformer_blocks")),
@@ -417,8 +393,8 @@ FAMILIES: dict[str, Family] = {f.name: f for f in [
     Family("mochi", _mochi, 2.0, ("transformer_blocks",)),
     Family("allegro", _allegro, 2.0, ("transformer_blocks",)),
     Family("dit", _dit, 2.0, ("transformer_blocks",)),
-    Family("sd15", _sd15, 2.0, _UNET),
-    Family("sdxl", _sdxl, 2.0, _UNET),
+    Family("sd15", _sd15, 2.0, ()),  # UNets: no block lists
+    Family("sdxl", _sdxl, 2.0, ()),
 ]}
 
 
