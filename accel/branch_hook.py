@@ -1,15 +1,24 @@
 """The hook `accel.apply` puts on each denoiser: it marks guidance branches, reuses the uncond
 branch when the stack asks, counts calls per branch and tells the stack which branches run.
 
-diffusers pipelines that evaluate the branches separately wrap each call in
-`model.cache_context("cond" | "uncond")`; the hook receives that name through a diffusers
-`StateManager` and publishes it with `step_context.guidance_branch`, so caches keep one state per
-branch. Pipelines that concatenate cond and uncond are marked "batched" while guidance is on.
+How a pipeline evaluates guidance is read from its `__call__` (`branch_mode`):
+
+* "named": each call is wrapped in `model.cache_context("cond" | "uncond")` (FLUX, Wan, QwenImage,
+  HunyuanVideo, CogView4); the hook receives the name through a diffusers `StateManager`.
+* "batched": cond and uncond are concatenated into one call (`torch.cat([latents] * 2)`: SD, SDXL,
+  SD3, PixArt, Sana, LTX, CogVideoX ...); the call is "batched" while guidance is on.
+* "ordered": separate calls without names (Chroma, Lumina2, FLUX Kontext): within a step the first
+  call is "cond" and a second one "uncond".
+
+The branch is published with `step_context.guidance_branch`, so caches keep one state per branch.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
+import re
 import weakref
 from collections import Counter
 from typing import Any, Callable
@@ -43,6 +52,21 @@ def _with_first_tensor(output: Any, tensor: torch.Tensor) -> Any:
     return type(output)(**{**output, "sample": tensor})
 
 
+@functools.lru_cache(maxsize=None)
+def branch_mode(pipeline_class: type) -> str:
+    """"named", "batched" or "ordered": how the pipeline's `__call__` evaluates guidance branches."""
+    try:
+        source = inspect.getsource(pipeline_class.__call__)
+    except (OSError, TypeError):
+        return "ordered"
+    if re.search(r"cache_context\(\s*[\"']uncond[\"']", source):
+        return "named"
+    if re.search(r"torch\.cat\(\s*\[\s*(latents|latent_model_input|hidden_states)[^\]]*\]\s*\*\s*2", source) \
+            or re.search(r"torch\.cat\(\s*\[\s*latents\s*,\s*latents\s*\]", source):
+        return "batched"
+    return "ordered"
+
+
 def guidance_active(pipe: Any, assumed: bool) -> bool:
     """Whether a pipeline runs classifier-free guidance now: its `do_classifier_free_guidance`
     property where it has one, else what the stack assumes."""
@@ -62,7 +86,7 @@ class GuidanceBranchHook(ModelHook):
 
     Args:
         pipe: the pipeline (held weakly), for its `do_classifier_free_guidance`.
-        batched: whether the pipeline batches cond and uncond.
+        mode: the pipeline's `branch_mode`.
         guidance_on: whether the stack assumes CFG (used when the pipeline does not say).
         uncond_interval: compute the uncond branch every this many steps.
         on_uncond: called once per generation, before the first uncond call runs (the stack
@@ -71,12 +95,13 @@ class GuidanceBranchHook(ModelHook):
 
     _is_stateful = True
 
-    def __init__(self, pipe: Any, *, batched: bool, guidance_on: bool, uncond_interval: int,
+    def __init__(self, pipe: Any, *, mode: str, guidance_on: bool, uncond_interval: int,
                  on_uncond: Callable[[], None] | None = None) -> None:
         super().__init__()
         self.call_name = _PipelineCallName()
         self._pipe = weakref.ref(pipe)
-        self.batched, self.guidance_on = batched, guidance_on
+        self.mode, self.guidance_on = mode, guidance_on
+        self._step_calls: tuple[tuple, int] = ((), 0)  # ((generation, step, stage), calls so far) for "ordered"
         self.uncond_interval = uncond_interval
         self.on_uncond = on_uncond
         self.reused_calls = 0
@@ -86,13 +111,18 @@ class GuidanceBranchHook(ModelHook):
         self._cond: tuple[tuple, Any] | None = None  # ((generation, step, stage), cond output)
         self._delta: tuple[int, torch.Tensor] | None = None  # (generation, uncond - cond)
 
-    def branch(self) -> str | None:
+    def branch(self, context: Any) -> str | None:
         """The guidance branch of the call in progress (None: leave the default, "cond")."""
         name = self.call_name.name
         if name in ("cond", "uncond"):
             return name
-        if self.batched and guidance_active(self._pipe(), self.guidance_on):
-            return "batched"
+        if self.mode == "batched":
+            return "batched" if guidance_active(self._pipe(), self.guidance_on) else None
+        if self.mode == "ordered" and context is not None:
+            key = (context.generation, context.step_index, context.stage)
+            calls = self._step_calls[1] + 1 if self._step_calls[0] == key else 1
+            self._step_calls = (key, calls)
+            return "cond" if calls == 1 else "uncond"
         return None
 
     def _count(self, context: Any, branch: str | None) -> None:
@@ -107,7 +137,8 @@ class GuidanceBranchHook(ModelHook):
                 self.on_uncond()
 
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
-        branch, context = self.branch(), current_step()
+        context = current_step()
+        branch = self.branch(context)
         self._count(context, branch)
         with guidance_branch(branch) if branch is not None else contextlib.nullcontext():
             if branch == "uncond" and self.uncond_interval > 1 and context is not None:

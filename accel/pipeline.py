@@ -45,7 +45,7 @@ from caching.hooks import InstalledHook, install_hook, uninstall_hooks
 from samplers.diffusers_scheduler import AccelScheduler
 
 from accel.adapter_files import check_adapter_fits
-from accel.branch_hook import GuidanceBranchHook, guidance_active
+from accel.branch_hook import GuidanceBranchHook, branch_mode, guidance_active
 from accel.pipeline_lora import LoadedAdapters, check_removable, load_adapters, unload_adapters
 from accel.placement import place_pipeline, stack_and_placement
 from accel.resolve import ResolvedStack, RunInfo, resolve
@@ -72,7 +72,7 @@ class Applied:
         accel_scheduler: the AccelScheduler apply installed.
         base_run: what the stack was first resolved against (the per-call runs vary its steps
             and guidance mode).
-        batched: whether the pipeline evaluates cond and uncond in one batched call.
+        mode: how the pipeline evaluates guidance branches (`accel.branch_hook.branch_mode`).
         key: the (steps, guidance mode) the installed cache was resolved for.
         resolutions: every resolution made, by run key.
         calibrated: cache configs after a self-calibrating trigger calibrated, by run key.
@@ -90,7 +90,7 @@ class Applied:
     scheduler: Any
     accel_scheduler: AccelScheduler
     base_run: RunInfo
-    batched: bool
+    mode: str
     key: RunKey
     resolutions: dict[RunKey, ResolvedStack] = field(default_factory=dict)
     calibrated: dict[RunKey, dict[str, caching.CacheConfig]] = field(default_factory=dict)
@@ -132,16 +132,6 @@ def _denoiser(pipe: Any) -> tuple[str, torch.nn.Module]:
                      "diffusers pipeline with one of them")
 
 
-@functools.lru_cache(maxsize=None)
-def _separate_branches(pipeline_class: type) -> bool:
-    """Whether the pipeline calls its denoiser once per guidance branch (it names the calls)."""
-    try:
-        source = inspect.getsource(pipeline_class.__call__)
-    except (OSError, TypeError):
-        return False
-    return 'cache_context("uncond"' in source or "cache_context('uncond'" in source
-
-
 def _scheduler_config(pipe: Any) -> dict[str, Any]:
     """The pipeline scheduler's whole config with its class name (a scheduler built in code has none).
 
@@ -169,7 +159,7 @@ def run_info_for(pipe: Any, stack: Stack) -> RunInfo:
         kind, num_blocks = "other", None
     guidance = stack.guidance
     mode = ("none" if not guidance.has_uncond_pass else
-            "separate" if _separate_branches(type(pipe)) else "batched")
+            "batched" if branch_mode(type(pipe)) == "batched" else "separate")
     return RunInfo(model_class=type(denoiser).__name__, model_kind=kind, prediction_type=probe.prediction,
                    num_steps=stack.sampler.steps, guidance=mode, num_blocks=num_blocks,
                    noise_family=probe.model_schedule.name, pipeline_class=type(pipe).__name__,
@@ -254,7 +244,7 @@ def _remove_caches(record: Applied) -> None:
 def _install_branch_hooks(pipe: Any, record: Applied) -> None:
     guidance = record.resolved.stack.guidance
     for _, model in record.denoisers:
-        hook = GuidanceBranchHook(pipe, batched=record.batched, guidance_on=guidance.has_uncond_pass,
+        hook = GuidanceBranchHook(pipe, mode=record.mode, guidance_on=guidance.has_uncond_pass,
                                   uncond_interval=guidance.uncond_interval,
                                   on_uncond=functools.partial(_on_uncond, weakref.ref(pipe)))
         record.installed.append(install_hook(model, hook, "stack-branches"))
@@ -293,7 +283,7 @@ def _call_mode(pipe: Any, record: Applied) -> str:
     """The guidance mode of the call about to run, as far as the pipeline says before it runs."""
     if not guidance_active(pipe, record.stack.guidance.has_uncond_pass):
         return "none"
-    return "batched" if record.batched else "separate"
+    return "batched" if record.mode == "batched" else "separate"
 
 
 def _on_new_call(pipe_ref: "weakref.ref", scheduler: AccelScheduler) -> None:
@@ -365,7 +355,7 @@ def apply(pipe: Any, stack_or_recipe: Any) -> ResolvedStack:
         check_adapter_fits(primary, adapter.path, primary_name)
     scheduler = _new_scheduler(pipe, resolved.stack)
     record = Applied(stack, resolved, denoisers, pipe.scheduler, scheduler, base_run,
-                     batched=not _separate_branches(type(pipe)),
+                     mode=branch_mode(type(pipe)),
                      key=(resolved.run.num_steps, resolved.run.guidance), resolutions={},
                      had_forward={name: "forward" in vars(model) for name, model in denoisers})
     record.resolutions[record.key] = resolved

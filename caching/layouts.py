@@ -10,18 +10,23 @@ Every cache scope needs the same few facts about a model, and nothing else about
   MLP layers, which submodules act token by token, and how to read its timestep-modulated input
   (what TeaCache watches).
 
-Those facts live here and only here. A model not listed gets an error naming what to register.
+Those facts come from one place: `get_model_layout` / `get_block_layout`. An explicit registration
+(`register_model_layout`, `register_block_layout`) wins; otherwise they are read off the model and
+its blocks (`caching.discovery`: known block-list names, diffusers' own block metadata, the block's
+forward signature and return statements, its attention and feed-forward children). What cannot be
+read off raises a one-line error naming the exact registration to make.
 """
 
 from __future__ import annotations
 
-import functools
-import inspect
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal, Mapping
 
 import torch
 from torch import nn
+
+from . import discovery
 
 ProbeFn = Callable[[nn.Module, Mapping[str, Any]], torch.Tensor]
 
@@ -103,28 +108,88 @@ def register_block_layout(block_cls: type, layout: BlockLayout) -> None:
 
 
 def get_model_layout(model: nn.Module) -> ModelLayout:
-    """The registered layout of `model`'s class (or of its nearest registered base class)."""
+    """The layout of `model`: its class's (or nearest base class's) registration, else discovered.
+
+    Raises:
+        ValueError: nothing is registered and discovery cannot find the blocks (the message
+            names the registration to make).
+    """
     _load_defaults()
     for cls in type(model).__mro__:
         if cls in _MODEL_LAYOUTS:
             return _MODEL_LAYOUTS[cls]
-    raise ValueError(
-        f"{type(model).__name__} has no block layout: register one with caching.register_model_layout("
-        f"{type(model).__name__}, ModelLayout(kind='transformer', block_lists=('<ModuleList attribute>', ...))) "
-        "and caching.register_block_layout(<block class>, BlockLayout(hidden_arg=..., hidden_out=..., "
-        "encoder_out=...))")
+    return discovery.discover_model_layout(model)
 
 
 def get_block_layout(block: nn.Module) -> BlockLayout:
-    """The registered layout of `block`'s class."""
+    """The layout of `block`: its class's registration, else read off the block (caching.discovery).
+
+    Raises:
+        ValueError: nothing is registered and the block's streams cannot be read off (the message
+            names the registration to make).
+    """
     _load_defaults()
     for cls in type(block).__mro__:
         if cls in _BLOCK_LAYOUTS:
             return _BLOCK_LAYOUTS[cls]
-    raise ValueError(
-        f"block class {type(block).__name__} has no block layout: register it with "
-        f"caching.register_block_layout({type(block).__name__}, BlockLayout(hidden_arg='hidden_states', "
-        "hidden_out=<index or None>, encoder_out=<index or None>))")
+    delegate = discovery.delegate_of(block)
+    if delegate is not None:
+        attr, child = delegate
+        return _prefixed(get_block_layout(child), attr)
+    attention, tokens = discovery.discover_submodules(block)
+    named = [name for kind in ("self", "cross") for name in attention.get(kind, ())]
+    probe = discovery.first_attention_probe(tuple(named)) if named else None
+    return BlockLayout(**discovery.discover_streams(type(block)), attention=attention, token_modules=tokens,
+                       probe=probe)
+
+
+def _prefixed(layout: BlockLayout, attr: str) -> BlockLayout:
+    """The layout of a block that returns `self.<attr>(...)`: its child's, with submodule paths under attr."""
+    probe = layout.probe
+    return dataclasses.replace(
+        layout, attention={kind: tuple(f"{attr}.{n}" for n in names) for kind, names in layout.attention.items()},
+        token_modules=tuple(f"{attr}.{n}" for n in layout.token_modules),
+        probe=None if probe is None else (lambda block, bound: probe(getattr(block, attr), bound)))
+
+
+def registration_call(block: nn.Module, layout: BlockLayout, **fields: Any) -> str:
+    """The `register_block_layout` call that reproduces `layout` for `block`'s class, with `fields` changed.
+
+    A delegating block (one returning `self.<child>(...)`) names its child's class, whose
+    registration it follows.
+    """
+    delegate = discovery.delegate_of(block)
+    if delegate is not None and type(block) not in _BLOCK_LAYOUTS:
+        prefix = delegate[0] + "."
+        layout = dataclasses.replace(
+            layout, attention={k: tuple(n.removeprefix(prefix) for n in v) for k, v in layout.attention.items()},
+            token_modules=tuple(n.removeprefix(prefix) for n in layout.token_modules))
+        block = delegate[1]
+    values = dict(hidden_arg=layout.hidden_arg, encoder_arg=layout.encoder_arg, hidden_out=layout.hidden_out,
+                  encoder_out=layout.encoder_out, attention=dict(layout.attention),
+                  token_modules=layout.token_modules)
+    values.update({key: discovery.Placeholder(value) for key, value in fields.items()})
+    return discovery.block_layout_call(type(block).__name__, **values)
+
+
+def range_segments(blocks: list[BlockRef]) -> list[list[BlockRef]]:
+    """`blocks` cut where a residual cannot span: at a block-list boundary unless both sides keep
+    the text stream separate (then the image stream keeps its shape across the boundary).
+
+    FLUX's double and single blocks both take and return (hidden, encoder): one segment. Flux2,
+    Chroma, AuraFlow and HiDream concatenate text and image before their single blocks: two.
+    """
+    segments: list[list[BlockRef]] = []
+    for ref in blocks:
+        if segments:
+            prev = segments[-1][-1]
+            same_list = prev.name.rsplit(".", 1)[0] == ref.name.rsplit(".", 1)[0]
+            keeps_streams = prev.layout.encoder_arg is not None and ref.layout.encoder_arg is not None
+            if same_list or keeps_streams:
+                segments[-1].append(ref)
+                continue
+        segments.append([ref])
+    return segments
 
 
 def transformer_blocks(model: nn.Module, layout: ModelLayout) -> list[BlockRef]:
@@ -141,14 +206,12 @@ def transformer_blocks(model: nn.Module, layout: ModelLayout) -> list[BlockRef]:
     return refs
 
 
-@functools.lru_cache(maxsize=None)
-def _parameter_names(cls: type) -> tuple[str, ...]:
-    return tuple(inspect.signature(cls.forward).parameters)[1:]
+submodule = discovery.submodule
 
 
 def bind_arguments(module: nn.Module, args: tuple, kwargs: Mapping[str, Any]) -> dict[str, Any]:
     """Maps positional and keyword arguments of `module.forward` to their parameter names."""
-    names = _parameter_names(type(module))
+    names = discovery.forward_parameters(type(module))
     bound = dict(zip(names, args))
     bound.update(kwargs)
     return bound
@@ -156,7 +219,7 @@ def bind_arguments(module: nn.Module, args: tuple, kwargs: Mapping[str, Any]) ->
 
 def replace_argument(module: nn.Module, args: tuple, kwargs: dict, name: str, value: Any):
     """Returns (args, kwargs) with argument `name` replaced by `value`."""
-    names = _parameter_names(type(module))
+    names = discovery.forward_parameters(type(module))
     if name in kwargs or name not in names or names.index(name) >= len(args):
         return args, {**kwargs, name: value}
     index = names.index(name)
@@ -226,13 +289,12 @@ def _probe_wan(block: nn.Module, bound: Mapping[str, Any]) -> torch.Tensor:
 
 
 def _load_defaults() -> None:
-    """Registers the diffusers models this project supports (lazily: importing diffusers is slow)."""
+    """Registers the block classes whose layout says more than discovery finds (lazily: importing
+    diffusers is slow): FLUX single blocks' token-wise projections, SD3's second self attention,
+    and hand-written TeaCache probes."""
     if _DEFAULTS_LOADED[0]:
         return
     _DEFAULTS_LOADED[0] = True
-    from diffusers import (DiTTransformer2DModel, FluxTransformer2DModel, PixArtTransformer2DModel,
-                           SD3Transformer2DModel, UNet2DConditionModel, UNet2DModel,
-                           WanTransformer3DModel)
     from diffusers.models.attention import BasicTransformerBlock, JointTransformerBlock
     from diffusers.models.transformers.transformer_flux import (FluxSingleTransformerBlock,
                                                                 FluxTransformerBlock)
@@ -255,10 +317,3 @@ def _load_defaults() -> None:
         attention={"self": ("attn1",), "cross": ("attn2",), "mlp": ("ffn",)},
         token_modules=("ffn",), probe=_probe_wan))
 
-    register_model_layout(FluxTransformer2DModel, ModelLayout(
-        "transformer", ("transformer_blocks", "single_transformer_blocks")))
-    for cls in (SD3Transformer2DModel, DiTTransformer2DModel, PixArtTransformer2DModel):
-        register_model_layout(cls, ModelLayout("transformer", ("transformer_blocks",)))
-    register_model_layout(WanTransformer3DModel, ModelLayout("transformer", ("blocks",)))
-    for cls in (UNet2DConditionModel, UNet2DModel):
-        register_model_layout(cls, ModelLayout("unet"))

@@ -97,6 +97,17 @@ class CallFrame:
     overhead_flops: float = 0.0
     total_flops: float | None = None
 
+    def occurrence_key(self, unit: str) -> str:
+        """`unit` on its first call within this model call, `unit#k` on its (k+1)-th.
+
+        A module that a block calls more than once per forward (CogView4's feed-forward runs on
+        the image and then the text tokens) gets one cache slot and one FLOP count per call.
+        """
+        counts = self.scratch.setdefault("occurrences", {})
+        index = counts.get(unit, 0)
+        counts[unit] = index + 1
+        return unit if index == 0 else f"{unit}#{index}"
+
     @property
     def is_passthrough(self) -> bool:
         """True when no step context was published: every hook computes as if absent."""

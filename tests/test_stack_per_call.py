@@ -155,3 +155,15 @@ def test_the_resolved_stack_states_the_schedule_it_derived_from_the_pipeline(tmp
     assert "schedule: auto -> flow, shift 3.0 (from the pipeline's FlowMatchEulerDiscreteScheduler)" in resolved.decisions
     assert "guidance: cond and uncond in one batched call" in resolved.describe()
     accel.remove(tiny.pipe)
+
+
+def test_branch_mode_is_read_from_the_pipelines_call():
+    import diffusers
+
+    from accel.branch_hook import branch_mode
+
+    modes = {name: branch_mode(getattr(diffusers, name)) for name in (
+        "FluxPipeline", "WanPipeline", "StableDiffusion3Pipeline", "StableDiffusionXLPipeline", "ChromaPipeline",
+        "Lumina2Pipeline")}
+    assert modes == {"FluxPipeline": "named", "WanPipeline": "named", "StableDiffusion3Pipeline": "batched",
+                     "StableDiffusionXLPipeline": "batched", "ChromaPipeline": "ordered", "Lumina2Pipeline": "ordered"}

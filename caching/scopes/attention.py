@@ -23,7 +23,7 @@ from diffusers.hooks import ModelHook
 
 from ..config import ScopeConfig
 from ..hooks import InstalledHook, install_hook
-from ..layouts import ModelLayout, transformer_blocks
+from ..layouts import ModelLayout, registration_call, submodule, transformer_blocks
 from ._common import ForecastSlot
 
 if TYPE_CHECKING:
@@ -66,13 +66,13 @@ class AttentionCacheHook(ModelHook):
         frame, original = self.runtime.frame, self.fn_ref.original_forward
         if frame is None or frame.is_passthrough:
             return original(*args, **kwargs)
-        slot = self.runtime.slot(frame, self.unit,
-                                 lambda: ForecastSlot(self.runtime.config.update.new_forecaster()))
+        unit = frame.occurrence_key(self.unit)
+        slot = self.runtime.slot(frame, unit, lambda: ForecastSlot(self.runtime.config.update.new_forecaster()))
         is_cached_now = not frame.kind_compute.get(self.kind, True) and slot.ready
         if is_cached_now:
-            frame.skipped.append((self.unit, 1.0))
+            frame.skipped.append((unit, 1.0))
             return slot.predict(frame.coordinate)
-        output = self.runtime.run_unit(frame, self.unit, original, *args, **kwargs)
+        output = self.runtime.run_unit(frame, unit, original, *args, **kwargs)
         if frame.record:
             slot.record(frame.coordinate, output)
         return output
@@ -103,15 +103,19 @@ def apply_attention_scope(runtime: "CacheRuntime", model: torch.nn.Module, layou
                           scope: AttentionScope) -> list[InstalledHook]:
     """Installs an AttentionCacheHook on every module of the requested kinds."""
     installed = []
-    for ref in transformer_blocks(model, layout):
+    blocks = transformer_blocks(model, layout)
+    for ref in blocks:
         for kind in scope.kinds:
             for attr in ref.layout.attention.get(kind, ()):
-                module = getattr(ref.module, attr, None)
+                module = submodule(ref.module, attr)
                 if isinstance(module, torch.nn.Module):
                     hook = AttentionCacheHook(runtime, f"{ref.name}.{attr}", kind)
                     installed.append(install_hook(module, hook, "attention"))
     if not installed:
-        raise ValueError(f"attention scope: {type(model).__name__} has no layers of kinds {scope.kinds}; "
-                         f"choose kinds among {KINDS} that its block layouts name")
+        call = registration_call(blocks[0].module, blocks[0].layout,
+                                 attention="{'self': ('<attention submodule>', ...), 'mlp': (...)}")
+        raise ValueError(f"attention scope: {type(model).__name__} has no layers of kinds {scope.kinds}; choose "
+                         f"kinds its block layouts name ({dict(blocks[0].layout.attention)}), or register them with "
+                         f"{call}")
     runtime.planners.append(_kind_planner(scope))
     return installed

@@ -22,8 +22,8 @@ from diffusers.hooks import ModelHook
 
 from ..config import ScopeConfig
 from ..hooks import InstalledHook, install_hook
-from ..layouts import (BlockLayout, ModelLayout, bind_arguments, compose_output, read_streams,
-                       split_output, transformer_blocks)
+from ..layouts import (BlockLayout, ModelLayout, bind_arguments, compose_output, range_segments, read_streams,
+                       registration_call, split_output, transformer_blocks)
 
 if TYPE_CHECKING:
     from ..runtime import CacheRuntime, CallFrame
@@ -100,11 +100,13 @@ class BlockRangeHook(ModelHook):
     """On each block of the cached range; the first decides, the last records or forecasts."""
 
     def __init__(self, runtime: "CacheRuntime", unit: str, layout: BlockLayout, *, is_entry: bool,
-                 is_exit: bool, decision: str | None, probe_here: bool) -> None:
+                 is_exit: bool, decision: str | None, probe_here: bool, segment: int = 0,
+                 is_last_segment: bool = True) -> None:
         super().__init__()
         self.runtime, self.unit, self.layout = runtime, unit, layout
         self.is_entry, self.is_exit = is_entry, is_exit
         self.decision, self.probe_here = decision, probe_here
+        self.input_key, self.is_last_segment = f"range_input.{segment}", is_last_segment
 
     def new_forward(self, module: torch.nn.Module, *args, **kwargs):
         frame, original = self.runtime.frame, self.fn_ref.original_forward
@@ -125,9 +127,9 @@ class BlockRangeHook(ModelHook):
         return compose_output(self.layout, hidden, encoder)
 
     def _enter(self, frame: "CallFrame", module, bound, hidden, encoder) -> None:
-        frame.scratch["range_input"] = (hidden, encoder)
+        frame.scratch[self.input_key] = (hidden, encoder)
         is_decided = frame.should_compute is not None  # a later stage follows its step's decision
-        if is_decided:
+        if is_decided or self.decision is None:
             return
         if self.decision == "probe":
             probe = (self.runtime.run_overhead(frame, self.layout.probe, module, bound)
@@ -138,7 +140,7 @@ class BlockRangeHook(ModelHook):
 
     def _record(self, frame: "CallFrame", output: Any) -> None:
         hidden_out, encoder_out = split_output(self.layout, output)
-        hidden_in, encoder_in = frame.scratch["range_input"]
+        hidden_in, encoder_in = frame.scratch[self.input_key]
         slot = self.runtime.slot(frame, self.unit, lambda: RangeSlot(self.runtime.config.update.new_forecaster()))
         slot.encoder_absent = self.layout.encoder_out is not None and encoder_out is None
         if not frame.record:
@@ -148,7 +150,8 @@ class BlockRangeHook(ModelHook):
             encoder_residual = encoder_out - encoder_in
         hidden_residual = hidden_out - hidden_in
         slot.forecaster.record(frame.coordinate, (hidden_residual, encoder_residual))
-        self.runtime.note_quantity(frame, hidden_residual)
+        if self.is_last_segment:
+            self.runtime.note_quantity(frame, hidden_residual)
 
     def _forecast(self, frame: "CallFrame", hidden: torch.Tensor, encoder: torch.Tensor | None):
         slot: RangeSlot = frame.state.slots[self.unit]
@@ -165,23 +168,39 @@ class BlockRangeHook(ModelHook):
 
 def apply_block_range(runtime: "CacheRuntime", model: torch.nn.Module, layout: ModelLayout,
                       scope: BlockRangeScope) -> list[InstalledHook]:
-    """Installs the range hooks (and the head probe hook when the decision needs one)."""
+    """Installs the range hooks (and the head probe hook when the decision needs one).
+
+    The cached range is cut into segments where the image stream changes shape between block
+    lists (`range_segments`); each segment records and adds its own residual, and the first
+    segment's entry block decides for all.
+    """
     blocks = transformer_blocks(model, layout)
     if scope.first + scope.last >= len(blocks):
         raise ValueError(f"{scope.name} scope: first={scope.first} + last={scope.last} leaves no block to cache "
                          f"in {type(model).__name__} ({len(blocks)} blocks); lower first/last")
     decision = runtime.trigger.signal
     if decision == "probe" and blocks[0].layout.probe is None:
-        raise ValueError(f"TeaCache needs the modulated input of {type(blocks[0].module).__name__}: register "
-                         "its BlockLayout with probe=<fn(block, bound_args) -> tensor>")
+        block = blocks[0].module
+        raise ValueError(f"TeaCache needs the modulated input of {type(block).__name__}, which has no probe; "
+                         "register one with " + registration_call(
+                             block, blocks[0].layout, probe="<fn(block, bound_args) -> tensor (B, N, D)>"))
+    segment_of = {ref.name: index for index, segment in enumerate(range_segments(blocks)) for ref in segment}
+    if decision == "head_residual" and segment_of[blocks[0].name] != segment_of[blocks[scope.first].name]:
+        raise ValueError(f"{scope.name} scope: the head blocks end at {blocks[scope.first - 1].name}, after which "
+                         f"{type(model).__name__} changes the image stream's shape; the head residual cannot be "
+                         "compared across it, lower first")
     middle = blocks[scope.first:len(blocks) - scope.last]
     installed = []
     if scope.first > 0 and decision is not None:
         hook = HeadProbeHook(runtime, blocks[0].layout, needs_probe=decision == "probe")
         installed.append(install_hook(blocks[0].module, hook, "head"))
+    last_segment = segment_of[middle[-1].name]
     for index, ref in enumerate(middle):
-        hook = BlockRangeHook(runtime, ref.name, ref.layout, is_entry=index == 0,
-                              is_exit=index == len(middle) - 1, decision=decision if index == 0 else None,
-                              probe_here=scope.first == 0)
+        segment = segment_of[ref.name]
+        is_entry = index == 0 or segment_of[middle[index - 1].name] != segment
+        is_exit = index == len(middle) - 1 or segment_of[middle[index + 1].name] != segment
+        hook = BlockRangeHook(runtime, ref.name, ref.layout, is_entry=is_entry, is_exit=is_exit,
+                              decision=decision if index == 0 else None, probe_here=scope.first == 0,
+                              segment=segment, is_last_segment=segment == last_segment)
         installed.append(install_hook(ref.module, hook, "range"))
     return installed

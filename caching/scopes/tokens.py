@@ -21,7 +21,7 @@ from diffusers.hooks import ModelHook
 
 from ..config import ScopeConfig, check_range
 from ..hooks import InstalledHook, install_hook
-from ..layouts import ModelLayout, transformer_blocks
+from ..layouts import ModelLayout, registration_call, submodule, transformer_blocks
 
 if TYPE_CHECKING:
     from ..runtime import CacheRuntime, CallFrame
@@ -81,12 +81,13 @@ class TokenCacheHook(ModelHook):
         if frame is None or frame.is_passthrough:
             return original(*args, **kwargs)
         x = args[0] if args else next(v for v in kwargs.values() if isinstance(v, torch.Tensor))
-        slot = self.runtime.slot(frame, self.unit, lambda: TokenSlot(self.runtime.config.update.new_forecaster()))
+        unit = frame.occurrence_key(self.unit)
+        slot = self.runtime.slot(frame, unit, lambda: TokenSlot(self.runtime.config.update.new_forecaster()))
         is_partial = (not frame.compute_now and slot.cache is not None and x.ndim == 3
                       and slot.reference.shape == x.shape)
         if is_partial:
-            return self._partial(frame, slot, x, args, kwargs)
-        output = self.runtime.run_unit(frame, self.unit, original, *args, **kwargs)
+            return self._partial(frame, unit, slot, x, args, kwargs)
+        output = self.runtime.run_unit(frame, unit, original, *args, **kwargs)
         frame.tokens.append((x.shape[-2], x.shape[-2]) if x.ndim == 3 else (1, 1))
         if frame.record and x.ndim == 3:
             slot.cache, slot.reference = output, x
@@ -95,7 +96,7 @@ class TokenCacheHook(ModelHook):
                 slot.forecaster.record(frame.coordinate, (output,))
         return output
 
-    def _partial(self, frame: "CallFrame", slot: TokenSlot, x: torch.Tensor, args: tuple, kwargs: dict):
+    def _partial(self, frame: "CallFrame", unit: str, slot: TokenSlot, x: torch.Tensor, args: tuple, kwargs: dict):
         batch, tokens, _ = x.shape
         count = min(tokens, max(1, math.ceil(self.scope.fraction * tokens - 1e-9)))
         change = (x - slot.reference).abs().mean(-1) / slot.reference.abs().mean(-1).clamp_min(_EPS)
@@ -114,7 +115,7 @@ class TokenCacheHook(ModelHook):
             slot.cache = slot.cache.scatter(1, out_index, fresh.to(slot.cache.dtype))
             slot.reference = slot.reference.scatter(1, index.unsqueeze(-1).expand_as(chosen), chosen)
             slot.age = (slot.age + 1).scatter(1, index, 0.0)
-        frame.skipped.append((self.unit, 1.0 - count / tokens))
+        frame.skipped.append((unit, 1.0 - count / tokens))
         frame.tokens.append((count, tokens))
         return output
 
@@ -123,13 +124,15 @@ def apply_token_scope(runtime: "CacheRuntime", model: torch.nn.Module, layout: M
                       scope: TokenScope) -> list[InstalledHook]:
     """Installs a TokenCacheHook on every token-wise module the block layouts name."""
     installed = []
-    for ref in transformer_blocks(model, layout):
+    blocks = transformer_blocks(model, layout)
+    for ref in blocks:
         for attr in ref.layout.token_modules:
-            module = getattr(ref.module, attr, None)
+            module = submodule(ref.module, attr)
             if isinstance(module, torch.nn.Module):
                 hook = TokenCacheHook(runtime, f"{ref.name}.{attr}", scope)
                 installed.append(install_hook(module, hook, "tokens"))
     if not installed:
+        call = registration_call(blocks[0].module, blocks[0].layout, token_modules="('<token-wise submodule>', ...)")
         raise ValueError(f"tokens scope: the block layouts of {type(model).__name__} name no token-wise "
-                         "modules; register BlockLayout(token_modules=(...)) or choose another scope")
+                         f"modules; choose another scope, or register them with {call}")
     return installed
