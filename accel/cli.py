@@ -13,7 +13,7 @@ from accel.recipe.load import list_recipes
 
 def _run(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe, args.overrides)
-    from accel.run import run_recipe
+    from accel.lab.run import run_recipe
 
     run_recipe(recipe)
     return 0
@@ -21,9 +21,16 @@ def _run(args: argparse.Namespace) -> int:
 
 def _ablate(args: argparse.Namespace) -> int:
     recipe = load_recipe(args.recipe, args.overrides)
-    from accel.ablate import run_ablation
+    from accel.lab.ablate import run_ablation
 
-    run_ablation(recipe)
+    _, failures = run_ablation(recipe, keep_going=args.keep_going)
+    if failures and not args.keep_going:
+        print(f"accel: error: {len(failures)} cell failed ({failures[0]}); fix it, or pass --keep-going to measure "
+              "the other cells and report the failures", file=sys.stderr)
+        return 1
+    if failures:
+        print(f"accel: {len(failures)} cell(s) failed and were left out (--keep-going): " + "; ".join(failures),
+              file=sys.stderr)
     return 0
 
 
@@ -110,6 +117,8 @@ def build_parser() -> argparse.ArgumentParser:
     ablate = commands.add_parser("ablate", help="run a grid of stacks beside the reference and the equal-FLOPs baseline")
     ablate.add_argument("recipe", help="ablation recipe YAML or shipped name (e.g. ablations/embedded)")
     ablate.add_argument("overrides", nargs="*", help="key=value overrides")
+    ablate.add_argument("--keep-going", action="store_true",
+                        help="measure every other cell when one fails (exit 0), instead of stopping (exit 1)")
     ablate.set_defaults(handler=_ablate)
     train = commands.add_parser("train", help="train an objective (checkpointed, resumable) from a training recipe")
     train.add_argument("recipe", help="training recipe YAML or shipped name (e.g. train/flow-digits)")

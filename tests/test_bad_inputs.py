@@ -230,9 +230,9 @@ def test_cuda_without_cuda_is_one_line(places, capsys):
 def test_read_only_working_directory_is_refused_before_generating(places, capsys, monkeypatch):
     if os.geteuid() == 0:
         pytest.skip("root writes into read-only folders")
-    import accel.run
+    import accel.lab.job
 
-    monkeypatch.setattr(accel.run, "load_embedded_model", lambda *a: pytest.fail("generated in a read-only folder"))
+    monkeypatch.setattr(accel.lab.job, "load_model", lambda *a: pytest.fail("loaded in a read-only folder"))
     work = places[1]
     work.chmod(0o555)
     try:

@@ -48,7 +48,7 @@ def test_recipes_and_weights_live_inside_the_package():
 def test_every_shipped_recipe_loads_from_another_working_directory(tmp_path, monkeypatch):
     from omegaconf import OmegaConf
 
-    from accel.ablate import cell_recipe, grid_cells
+    from accel.lab.ablate import cell_recipe, grid_cells
     from accel.recipe.train_schema import load_train_recipe
 
     monkeypatch.chdir(tmp_path)

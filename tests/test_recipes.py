@@ -28,7 +28,7 @@ def test_overrides_apply_last():
     (["sampler.steps=0"], "sampler.steps: 0 must be >= 1"),
     (["model.dtype=float8"], "model.dtype: 'float8' is not allowed; choose one of: float32, bfloat16, float16"),
     (["inputs.classes=[3,11]"], "inputs.classes[]: 11 is not allowed"),
-    (["eval.metrics=[psnr,lpips]"], "eval.metrics[]: 'lpips' is not allowed"),
+    (["eval.metrics=[psnr,fid]"], "eval.metrics[]: 'fid' is not allowed"),
     (["guidance.scale=0.5"], "guidance.scale: 0.5 must be >= 1"),
     (["adapters=[{path: /no/such.safetensors}]"], "adapters[0].path: file not found"),
     (["steps"], "override 'steps' is not of the form key=value"),
@@ -104,14 +104,21 @@ def test_every_shipped_recipe_starts_with_the_command_that_runs_it():
         assert first.startswith("# ") and ("accel " in first or "accel.apply" in first), path
 
 
-def test_templates_load_as_stacks_and_accel_run_refuses_hub_models(capsys):
+def test_templates_load_as_stacks_and_accel_run_says_when_hub_weights_are_not_cached(capsys, tmp_path,
+                                                                                       monkeypatch):
     from accel.stack import Stack
 
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hub-cache"))  # an empty cache: nothing is downloaded
     for name in ("flux-dev", "sd35-large", "wan21-t2v-1.3b", "sdxl"):
-        stack = Stack.from_recipe(load_recipe(f"templates/{name}"))
-        assert stack.cache is not None and stack.sampler.steps >= 20
-    assert main(["run", "templates/sdxl"]) == 2
-    assert "is a hub model" in capsys.readouterr().err
+        recipe = load_recipe(f"templates/{name}")
+        stack = Stack.from_recipe(recipe)
+        assert stack.cache is not None and stack.sampler.steps >= 20 and stack.sampler.schedule == "auto"
+        assert len(recipe.inputs.prompts) >= 4 and recipe.eval.reference.solver is None
+    assert main(["run", "templates/sdxl", "model.device=cpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is a hub id that is not in the local Hugging Face cache" in err[0]
+    assert "huggingface-cli download stabilityai/stable-diffusion-xl-base-1.0" in err[0]
 
 
 def test_every_training_recipe_field_and_objective_param_is_documented():

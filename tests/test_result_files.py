@@ -72,15 +72,17 @@ def test_a_torn_last_line_is_skipped_with_a_message_and_appends_continue(tmp_pat
 
 
 def test_journals_of_ablate_and_benches_skip_torn_lines(tmp_path, capsys):
-    from accel.ablate import CellStore
     from accel.bench._cache_harness import Journal
     from accel.bench._samplers_report import RecordStore
+    from accel.lab.records import RecordStore as LabRecords
 
-    store = CellStore(tmp_path / "abl")
-    store.add({"key": "k1", "psnr": 30.0}, torch.zeros(1, 1, 2, 2))
-    with open(tmp_path / "abl" / "cells.rank0.jsonl", "a") as handle:
-        handle.write('{"key": "k2", "ps')
-    assert list(store.finished()) == ["k1"] and "cells.rank0.jsonl" in capsys.readouterr().err
+    store = LabRecords(tmp_path / "abl")
+    store.add({"fingerprint": "k1", "psnr": 30.0}, torch.zeros(1, 1, 2, 2))
+    with open(tmp_path / "abl" / "records.rank0.jsonl", "a") as handle:
+        handle.write('{"fingerprint": "k2", "ps')
+    reopened = LabRecords(tmp_path / "abl")
+    assert list(reopened.records()) == ["k1"] and "records.rank0.jsonl" in capsys.readouterr().err
+    assert reopened.get("k1")["psnr"] == 30.0 and reopened.images("k1").shape == (1, 1, 2, 2)
     journal_path = tmp_path / "caches-quick.jsonl"
     journal_path.write_text('{"key": "r", "fingerprint": "f"}\n{"key": "s", "finger')
     assert list(Journal(journal_path, "f").done) == ["r"] and str(journal_path) in capsys.readouterr().err

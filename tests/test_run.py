@@ -39,8 +39,10 @@ def test_accel_run_end_to_end_writes_summary_report_and_grid(tmp_path, capsys):
     assert reference["nfe"] == 8 and run["nfe"] == 4  # steps x 2 guidance passes
     assert abs(reference["flops"] / run["flops"] - 2.0) < 1e-9  # counted, not estimated
     assert reference["flops_speedup"] == 1.0 and abs(run["flops_speedup"] - 2.0) < 1e-9
-    for key in ("tflops", "wall_seconds", "wall_speedup", "psnr", "ssim", "fd", "accuracy"):
+    for key in ("tflops", "flops_total", "wall_seconds", "wall_speedup", "psnr", "ssim", "fd", "accuracy",
+                "fingerprint", "determined_by"):
         assert key in run, key
+    assert run["determined_by"]["model"]["weights"] == reference["determined_by"]["model"]["weights"]
     assert reference["psnr"] == 100.0 and reference["ssim"] > 0.999
     assert summary["recipe"]["sampler"]["steps"] == 2
     assert (folder / "grid.png").stat().st_size > 1000
@@ -68,7 +70,7 @@ def test_accelerate_launch_with_two_processes_gives_the_single_process_summary(t
     one = json.loads((tmp_path / "one" / "split" / "summary.json").read_text())
     two = json.loads((tmp_path / "two" / "split" / "summary.json").read_text())
     assert one["num_processes"] == 1 and two["num_processes"] == 2
-    timing_free = ("wall_seconds", "wall_speedup", "peak_memory_mb")
+    timing_free = ("wall_seconds", "wall_speedup", "fingerprint", "determined_by")  # threads differ
     for a, b in zip(one["runs"], two["runs"]):
         assert {k: v for k, v in a.items() if k not in timing_free} == \
                {k: v for k, v in b.items() if k not in timing_free}

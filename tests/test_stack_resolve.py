@@ -221,6 +221,7 @@ def test_run_step_count_must_be_the_stack_step_count():
 def test_stack_from_recipe_and_bad_names():
     recipe = OmegaConf.structured(Recipe())
     recipe.sampler.solver, recipe.sampler.steps, recipe.sampler.schedule_params = "unipc_bh2", 12, {"shift": 3.0}
+    recipe.sampler.schedule = "flow"
     recipe.cache.preset, recipe.cache.params = "fbcache", {"threshold": 0.1}
     recipe.adapters = [AdapterConfig(path="lora.safetensors", scale=0.5, fuse=True)]
     stack = Stack.from_recipe(recipe)

@@ -91,7 +91,7 @@ class Bench:
 
     Args:
         settings: what to generate and measure.
-        evaluator: optional replacement for accel.run.Evaluator (tests use a cheaper one).
+        evaluator: optional replacement for accel.execute.Evaluator (tests use a cheaper one).
         placements_dir: where searched placements and gains are saved (the ones shipped in
             `<model_dir>/cache-schedules/` are only read).
     """
@@ -318,7 +318,7 @@ def _accel_stats(adapter: Adapter) -> dict:
 
 
 def _evaluator(settings: Settings, labels: torch.Tensor):
-    from accel.run import Evaluator
+    from accel.execute import Evaluator
     recipe = OmegaConf.create({"eval": {"metrics": list(settings.metrics), "real_samples": settings.real_samples},
                                "inputs": {"resolution": 16}})
     return Evaluator(recipe, labels)

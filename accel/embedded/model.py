@@ -126,11 +126,18 @@ class FluxDigits:
         self.conditioner.eval()
         return self
 
+    def as_pipeline(self):
+        """The model as a `FluxDigitsPipeline` (sharing these modules) with its shipped scheduler."""
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        from accel.embedded.pipeline import FluxDigitsPipeline
+
+        return FluxDigitsPipeline(self.transformer, self.conditioner, FlowMatchEulerDiscreteScheduler(shift=1.0))
+
     def save_pretrained(self, folder: str | Path) -> None:
-        """Writes `transformer/` and `conditioner/` (safetensors + config) under `folder`."""
-        folder = Path(folder)
-        self.transformer.save_pretrained(folder / "transformer")
-        self.conditioner.save_pretrained(folder / "conditioner")
+        """Writes a pipeline folder: `model_index.json`, `transformer/`, `conditioner/` (safetensors +
+        config) and `scheduler/`, loadable with `FluxDigitsPipeline.from_pretrained` or as `model.name`."""
+        self.as_pipeline().save_pretrained(Path(folder))
 
 
 def weights_fingerprint(model: FluxDigits, algorithm: str = "sha256") -> str:

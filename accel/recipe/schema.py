@@ -15,9 +15,10 @@ from typing import Any, Optional
 class ModelConfig:
     """Which model to run."""
 
-    name: str = "flux-digits"  # an embedded model name, or a local diffusers folder
+    name: str = "flux-digits"  # an embedded model name, a local diffusers pipeline folder, or a hub id
     dtype: Optional[str] = None  # float32 | bfloat16 | float16; null: as loaded (embedded models: float32)
     device: Optional[str] = None  # cpu | cuda | cuda:N; null: where the pipeline is (embedded models: cpu)
+    pipeline_kwargs: dict[str, Any] = field(default_factory=dict)  # from_pretrained options, e.g. {variant: fp16}
 
 
 @dataclass
@@ -26,7 +27,7 @@ class SamplerConfig:
 
     solver: str = "euler"  # a name from samplers.SOLVERS
     steps: int = 8  # solver steps (NFE = steps * the solver's evaluations per step)
-    schedule: str = "flow"  # a name from samplers.SCHEDULES
+    schedule: str = "auto"  # auto (the pipeline scheduler's own walk) or a name from samplers.SCHEDULES
     schedule_params: dict[str, Any] = field(default_factory=dict)  # e.g. {shift: 3.0}
     solver_params: dict[str, Any] = field(default_factory=dict)  # e.g. {eta: 0.5} for ddim
 
@@ -59,22 +60,28 @@ class GuidanceConfig:
 
 @dataclass
 class InputsConfig:
-    """What to generate: classes (or prompts) and seeds."""
+    """What to generate: prompts (or the embedded models' classes) and seeds."""
 
-    classes: list[int] = field(default_factory=lambda: list(range(10)))  # class labels to generate
-    samples_per_class: int = 10  # samples per class
+    classes: list[int] = field(default_factory=lambda: list(range(10)))  # embedded models: class labels
+    samples_per_class: int = 10  # embedded models: samples per class
+    prompts: list[str] = field(default_factory=list)  # text pipelines: the prompts
+    prompt_file: Optional[str] = None  # text pipelines: a file of prompts, one a line (added to prompts)
+    samples_per_prompt: int = 1  # text pipelines: samples (seeds) per prompt
+    negative_prompt: Optional[str] = None  # the negative prompt of every sample (CFG)
     seed: int = 0  # base seed; sample i uses seed * 1_000_003 + i
-    batch_size: int = 100  # samples per model call
-    resolution: int = 16  # image side in pixels
+    batch_size: int = 100  # samples per pipeline call
+    resolution: Optional[Any] = None  # an int or [height, width]; null: the pipeline's default
+    frames: Optional[int] = None  # video pipelines: frames per video; null: the pipeline's default
+    call_kwargs: dict[str, Any] = field(default_factory=dict)  # further pipeline call arguments
 
 
 @dataclass
 class ReferenceConfig:
     """The full-compute reference that quality is measured against."""
 
-    solver: str = "euler"
+    solver: Optional[str] = None  # null: the pipeline's own scheduler
     steps: int = 50
-    schedule: str = "flow"
+    schedule: str = "auto"
     schedule_params: dict[str, Any] = field(default_factory=dict)
     solver_params: dict[str, Any] = field(default_factory=dict)
     guidance_scale: Optional[float] = None  # the reference's CFG scale; null: the recipe's guidance.scale
@@ -85,8 +92,9 @@ class EvalConfig:
     """How to measure."""
 
     reference: ReferenceConfig = field(default_factory=ReferenceConfig)
-    metrics: list[str] = field(default_factory=lambda: ["psnr", "ssim", "fd", "accuracy"])
-    real_samples: int = 2000  # real images for the FD statistics
+    metrics: list[str] = field(default_factory=lambda: ["psnr", "ssim"])
+    metric_models: dict[str, Any] = field(default_factory=dict)  # metric -> local weights (clip_score, image_reward)
+    real_samples: int = 2000  # embedded models: real images for the FD statistics
     cache_reference: bool = True  # reuse the reference images and FLOPs of an identical earlier run
     timing_batch: int = 10  # samples per timed call
     timing_repeats: int = 3  # timed repeats after one warm-up; the median is reported
@@ -114,6 +122,7 @@ class Recipe:
     """A whole stack and how to measure it."""
 
     name: str = "embedded-demo"
+    calibration: Optional[str] = None  # a calibration file made by `accel calibrate` for this recipe
     model: ModelConfig = field(default_factory=ModelConfig)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)

@@ -6,6 +6,7 @@ instead of exhausting memory.
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from accel.data_files import DataFileError, resolve_data_file
 from accel.recipe.load import RecipeError
 
 DTYPES = ("float32", "bfloat16", "float16")
-METRICS = ("psnr", "ssim", "fd", "accuracy")
+METRICS = ("psnr", "ssim", "lpips", "clip_score", "image_reward", "fd", "accuracy")
 EMBEDDED_MODELS = ("flux-digits",)
 MAX_STEPS = 1000  # solver steps of a run, a reference or a baseline
 MAX_SAMPLES = 100_000  # generated samples of a run (classes x samples_per_class)
@@ -53,9 +54,25 @@ def is_hub_id(name: str) -> bool:
     return name.count("/") == 1 and not name.startswith((".", "/")) and not Path(name).exists()
 
 
+DIGIT_PIPELINES = ("FluxDigitsPipeline",)  # pipeline classes of the embedded digit models
+
+
+def is_embedded(model: DictConfig) -> bool:
+    """Whether the recipe's model is a digit model (class labels, FD, accuracy): a shipped name, or a
+    pipeline folder of the embedded models' class (e.g. one `scripts/train_embedded.py` wrote)."""
+    if model.name in EMBEDDED_MODELS:
+        return True
+    index = Path(str(model.name)) / "model_index.json"
+    try:
+        return index.is_file() and json.loads(index.read_text()).get("_class_name") in DIGIT_PIPELINES
+    except (ValueError, OSError):
+        return False
+
+
 def model_family(model: DictConfig) -> str | None:
-    """The noise family of the recipe's model when the project knows it (the embedded models)."""
-    return None if is_hub_id(model.name) else "flow"
+    """The noise family of the recipe's model when the project knows it before loading it (the
+    embedded models); None for a user's pipeline, checked by the resolver against the real one."""
+    return "flow" if is_embedded(model) else None  # the digit models are flow models
 
 
 def _check_model(model: DictConfig) -> None:
@@ -71,14 +88,14 @@ def _check_model(model: DictConfig) -> None:
 
 
 def _check_model_folder(folder: Path) -> None:
-    """A local model folder in the embedded layout, with safetensors weights (never a pickle)."""
-    for part in ("transformer", "conditioner"):
-        if not (folder / part / "config.json").is_file():
-            raise RecipeError(f"model.name: {str(folder)!r} has no {part}/config.json; a local model folder holds "
-                              "transformer/ and conditioner/ as saved by save_pretrained")
-        if not any((folder / part).glob("*.safetensors")):
-            raise RecipeError(f"model.name: {str(folder)!r} has no {part}/*.safetensors weights (pickled .bin "
-                              "weights are not loaded); save them with save_pretrained(safe_serialization=True)")
+    """A local diffusers pipeline folder (model_index.json) with safetensors weights (never a pickle)."""
+    if not (folder / "model_index.json").is_file():
+        raise RecipeError(f"model.name: {str(folder)!r} has no model_index.json; give a folder written by "
+                          "pipe.save_pretrained(...)")
+    pickles = [p for p in folder.rglob("*") if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl")]
+    if pickles and not any(folder.rglob("*.safetensors")):
+        raise RecipeError(f"model.name: {str(folder)!r} has only pickled weights ({pickles[0].name}), which are never "
+                          "loaded; save them with save_pretrained(safe_serialization=True)")
 
 
 def check_device_available(key: str, device: str) -> None:
@@ -98,11 +115,13 @@ def check_device_available(key: str, device: str) -> None:
 
 
 def _check_sampling(prefix: str, section: DictConfig, family: str | None) -> None:
-    _choice(f"{prefix}.solver", section.solver, sorted(samplers.SOLVERS))
-    _choice(f"{prefix}.schedule", section.schedule, sorted(samplers.SCHEDULES))
     _between(f"{prefix}.steps", section.steps, 1, MAX_STEPS)
+    if section.solver is None:  # the reference on the pipeline's own scheduler
+        return
+    _choice(f"{prefix}.solver", section.solver, sorted(samplers.SOLVERS))
+    _choice(f"{prefix}.schedule", section.schedule, ["auto", *sorted(samplers.SCHEDULES)])
     _check_solver_options(prefix, section.solver, OmegaConf.to_container(section.solver_params))
-    if family is None:  # a hub model: the resolver checks the fit against the real pipeline
+    if family is None or section.schedule == "auto":  # the resolver checks the fit against the real pipeline
         return
     params = dict(section.schedule_params)
     if section.schedule == "optimized" and params.get("path"):
@@ -140,7 +159,7 @@ def _dry_run(section: DictConfig, schedule_params: dict) -> None:
                         solver_options=OmegaConf.to_container(section.solver_params))
 
 
-def _check_inputs(inputs: DictConfig) -> None:
+def _check_embedded_inputs(inputs: DictConfig) -> None:
     if len(inputs.classes) == 0:
         raise RecipeError("inputs.classes: give at least one class")
     for label in inputs.classes:
@@ -149,10 +168,43 @@ def _check_inputs(inputs: DictConfig) -> None:
     if len(inputs.classes) * inputs.samples_per_class > MAX_SAMPLES:
         raise RecipeError(f"inputs.samples_per_class: {inputs.samples_per_class} x {len(inputs.classes)} classes "
                           f"is more than {MAX_SAMPLES} samples")
+    if inputs.resolution not in (None, 16):
+        raise RecipeError(f"inputs.resolution: {inputs.resolution}; the embedded model is trained at 16")
+    if inputs.prompts or inputs.prompt_file:
+        raise RecipeError("inputs.prompts: the embedded digit model takes inputs.classes, not prompts")
+
+
+def _check_prompt_inputs(inputs: DictConfig) -> None:
+    prompts = len(inputs.prompts)
+    if inputs.prompt_file is not None:
+        path = Path(str(inputs.prompt_file))
+        if not path.is_file():
+            raise RecipeError(f"inputs.prompt_file: no file at {str(path)!r}")
+        prompts += sum(1 for line in path.read_text(errors="replace").splitlines() if line.strip())
+    if prompts == 0:
+        raise RecipeError("inputs.prompts: a text pipeline needs prompts; give inputs.prompts=[...] or "
+                          "inputs.prompt_file=PATH (one prompt a line)")
+    _between("inputs.samples_per_prompt", inputs.samples_per_prompt, 1, MAX_SAMPLES)
+    if prompts * inputs.samples_per_prompt > MAX_SAMPLES:
+        raise RecipeError(f"inputs.samples_per_prompt: {inputs.samples_per_prompt} x {prompts} prompts is more than "
+                          f"{MAX_SAMPLES} samples")
+    resolution = inputs.resolution
+    sides = [] if resolution is None else [resolution] if isinstance(resolution, int) else list(resolution)
+    if resolution is not None and (len(sides) not in (1, 2) or not all(isinstance(v, int) for v in sides)):
+        raise RecipeError(f"inputs.resolution: {resolution!r}; give an int or [height, width]")
+    for side in sides:
+        _between("inputs.resolution", side, 8, 16384)
+    if inputs.frames is not None:
+        _between("inputs.frames", inputs.frames, 1, 10_000)
+
+
+def _check_inputs(inputs: DictConfig, embedded: bool) -> None:
+    if embedded:
+        _check_embedded_inputs(inputs)
+    else:
+        _check_prompt_inputs(inputs)
     _between("inputs.batch_size", inputs.batch_size, 1, MAX_BATCH)
     _between("inputs.seed", inputs.seed, 0, MAX_SEED)
-    if inputs.resolution != 16:
-        raise RecipeError(f"inputs.resolution: {inputs.resolution}; the embedded model is trained at 16")
 
 
 def _check_eval(evaluation: DictConfig, family: str | None) -> None:
@@ -242,8 +294,14 @@ def validate_recipe(recipe: DictConfig) -> None:
     _check_model(recipe.model)
     family = model_family(recipe.model)
     _check_sampling("sampler", recipe.sampler, family)
-    _check_inputs(recipe.inputs)
+    _check_inputs(recipe.inputs, is_embedded(recipe.model))
     _check_eval(recipe.eval, family)
+    if not is_embedded(recipe.model) and any(m in ("fd", "accuracy") for m in recipe.eval.metrics):
+        raise RecipeError("eval.metrics: fd and accuracy need the embedded digit models' judge; for your pipeline "
+                          "use psnr, ssim, lpips, clip_score or image_reward")
+    if recipe.get("calibration"):
+        _data_file("calibration", recipe.calibration, "calibration file",
+                   "make it with `accel calibrate` (it writes calibrations/<recipe name>.json)")
     _check_adapters(recipe.adapters)
     if recipe.guidance.scale < 1.0:
         raise RecipeError(f"guidance.scale: {recipe.guidance.scale} must be >= 1 (1 disables CFG)")
