@@ -23,7 +23,8 @@ from torch import nn
 
 from accel.io import claim_folder, write_text
 from distill.objective import Objective
-from distill.training import TrainResult
+from accel.lab.fingerprint import differing_keys
+from distill.training import TrainingError, TrainResult
 
 Builder = Callable[[Any, int], Objective]
 BETA_SCHEDULES = ("scaled_linear", "squaredcos_cap_v2", "linear")
@@ -238,9 +239,39 @@ def run_train_recipe(recipe: DictConfig) -> TrainResult:
     claim_folder(config.out_dir, "accel train")  # before any work: refuses another command's or a read-only folder
     torch.manual_seed(config.seed)
     objective = OBJECTIVES[recipe.objective.name](recipe.objective.params, config.seed)
-    if is_main_launch_process():
+    identity = objective_identity(recipe, config)
+    try:
+        result = train(objective, config, identity)
+    except TrainingError as error:
+        if error.stored_identity is None:
+            raise
+        keys = differing_keys(error.stored_identity, identity)
+        raise TrainingError(f"{config.out_dir} holds checkpoints of a run with other settings (differing in "
+                            f"{', '.join(keys[:6]) or 'the training settings'}); use another name or output.dir, "
+                            f"or delete {config.out_dir / 'checkpoints'}") from None
+    if is_main_launch_process():  # the settings of the run that made the export (written once it exists)
         write_text(config.out_dir / "recipe.yaml", OmegaConf.to_yaml(recipe, resolve=True))
-    return train(objective, config)
+    return result
+
+
+def objective_identity(recipe: DictConfig, config: Any) -> dict[str, Any]:
+    """What determines a training run's weights: the loop's settings that do (TrainConfig without
+    paths, threads or intervals), the objective with every parameter, the weights of the model it
+    starts from (by name or folder) and code versions."""
+    from distill.training.config import NOT_HASHED
+    from accel.lab.fingerprint import code_versions
+    from accel.lab.models import EMBEDDED_PIPELINES, embedded_folder, weights_hash
+
+    objective = OmegaConf.to_container(recipe.objective, resolve=True)
+    params = objective.get("params") or {}
+    models = {}
+    for key in ("model", "init"):
+        name = params.get(key)
+        if isinstance(name, str) and name:
+            folder = embedded_folder(name) if name in EMBEDDED_PIPELINES else Path(name)
+            models[key] = weights_hash(folder) if folder.is_dir() else name
+    train = {k: v for k, v in config.to_dict().items() if k not in NOT_HASHED}
+    return {"train": train, "objective": objective, "models": models, "versions": code_versions()}
 
 
 def embedded_script_parser(description: str, *, out: Path, lr: float, ema_decay: float) -> argparse.ArgumentParser:

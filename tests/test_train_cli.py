@@ -35,8 +35,14 @@ def test_accel_train_writes_logs_plot_and_export_and_resumes(tmp_path, capsys):
     assert [row[0] for row in read_loss_log(run / "loss.csv")] == [0, 1, 2]
     assert (run / "loss.png").stat().st_size > 1000 and (run / "recipe.yaml").is_file()
     assert json.loads((run / "export" / "transformer" / "config.json").read_text())["num_layers"] == 1
+    recipe_yaml = (run / "recipe.yaml").read_text()
     assert main(["train", *args, "train.steps=4"]) == 1  # another run's checkpoints: refused...
-    assert "belongs to a run with other training settings" in capsys.readouterr().err
+    assert "holds checkpoints of a run with other settings (differing in train.steps)" in capsys.readouterr().err
+    assert main(["train", *args, "objective.params.cfg_dropout=0.2"]) == 1  # the objective's params count too
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "holds checkpoints of a run with other settings (differing in " \
+        "objective.params.cfg_dropout)" in err[0]
+    assert (run / "recipe.yaml").read_text() == recipe_yaml  # a refused run records nothing
     assert main(["train", *args]) == 0  # ...the same run resumes (here: is already done)
     assert "resumed from step 3" in capsys.readouterr().out
 

@@ -33,7 +33,16 @@ _STEP_DIR = re.compile(r"^step-(\d{7,})$")
 
 
 class TrainingError(RuntimeError):
-    """Training cannot go on (a NaN loss, or checkpoints that belong to another run); one line."""
+    """Training cannot go on (a NaN loss, or checkpoints that belong to another run); one line.
+
+    Attributes:
+        stored_identity: for checkpoints of another run, the identity that run recorded (so a
+            caller can name the settings that differ), else None.
+    """
+
+    def __init__(self, message: str, stored_identity: dict | None = None) -> None:
+        super().__init__(message)
+        self.stored_identity = stored_identity
 
 
 @dataclass(frozen=True)
@@ -198,7 +207,7 @@ def latest_valid(root: Path, fingerprint: str | None, required: list[str],
             raise TrainingError(
                 f"checkpoint {path} belongs to a run with other training settings (config hash "
                 f"{str(manifest.get('config_hash'))[:12]}, now {fingerprint[:12]}); use another out_dir "
-                f"or delete {root}")
+                f"or delete {root}", stored_identity=manifest.get("identity"))
         return Checkpoint(path=path, step=step, manifest=manifest)
     return None
 

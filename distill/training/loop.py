@@ -18,10 +18,11 @@ engine's clipping and accumulation from `TrainConfig`, and DeepSpeed runs the op
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -91,6 +92,7 @@ class _Run:
     params: dict[str, nn.Parameter]
     ema: Optional[dict[str, torch.Tensor]]
     fingerprint: str
+    identity: dict = field(default_factory=dict)
     start: int = 0
     base_seconds: float = 0.0
     started: float = 0.0
@@ -105,7 +107,7 @@ def trainable_parameters(module: nn.Module) -> dict[str, nn.Parameter]:
     return {name: p for name, p in module.named_parameters() if p.requires_grad}
 
 
-def _setup(objective: Objective, config: TrainConfig) -> _Run:
+def _setup(objective: Objective, config: TrainConfig, identity: dict) -> _Run:
     if config.threads is not None:
         torch.set_num_threads(config.threads)
     accelerator = make_accelerator(config)
@@ -120,10 +122,11 @@ def _setup(objective: Objective, config: TrainConfig) -> _Run:
     # avoided because it imports DeepSpeed whenever DeepSpeed is installed (seconds per process).
     params = trainable_parameters(module)
     ema = {k: p.detach().float().clone() for k, p in params.items()} if config.ema_decay is not None else None
-    identity = f"{config.fingerprint()}|{objective.name}|processes={accelerator.num_processes}"
+    key = (f"{config.fingerprint()}|{objective.name}|processes={accelerator.num_processes}|"
+           f"{json.dumps(identity, sort_keys=True, default=str)}")
     return _Run(accelerator=accelerator, objective=objective, config=config, wrapped=wrapped,
-                optimizer=optimizer, params=params, ema=ema,
-                fingerprint=hashlib.sha256(identity.encode()).hexdigest())
+                optimizer=optimizer, params=params, ema=ema, identity=identity,
+                fingerprint=hashlib.sha256(key.encode()).hexdigest())
 
 
 def _copy_into(targets: dict[str, torch.Tensor], tensors: dict[str, torch.Tensor], what: Path) -> None:
@@ -251,7 +254,7 @@ def _save_checkpoint(run: _Run, step: int) -> None:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         scaler = accelerator.scaler.state_dict() if getattr(accelerator, "scaler", None) is not None else None
-        info = {"seconds": run.seconds(), "objective": run.objective.name, "scaler": scaler,
+        info = {"seconds": run.seconds(), "objective": run.objective.name, "identity": run.identity, "scaler": scaler,
                 "num_processes": accelerator.num_processes, "config": config.to_dict()}
         publish(root, step, run.fingerprint, info, config.keep_checkpoints)
     accelerator.wait_for_everyone()
@@ -275,12 +278,15 @@ def _export(run: _Run) -> Path:
     return Path(exported) if exported is not None else export_dir
 
 
-def train(objective: Objective, config: TrainConfig) -> TrainResult:
+def train(objective: Objective, config: TrainConfig, identity: dict | None = None) -> TrainResult:
     """Trains `objective` as `config` says, resuming from the newest valid checkpoint.
 
     Args:
         objective: what to train (see distill.objective.Objective).
         config: the loop's settings; files go under config.out_dir.
+        identity: what else determines the trained weights (the objective's parameters, the base
+            model's weights hash, code versions), JSON-ready; part of the checkpoints' fingerprint,
+            so a checkpoint of other settings is refused, and stored in their manifests.
 
     Returns:
         A TrainResult naming the loss log, the loss plot and the export.
@@ -290,7 +296,7 @@ def train(objective: Objective, config: TrainConfig) -> TrainResult:
             or checkpoints in out_dir that belong to another run.
         ValueError: an objective without trainable parameters.
     """
-    run = _setup(objective, config)
+    run = _setup(objective, config, dict(identity or {}))
     checkpoint = _resume(run)
     main = run.accelerator.is_main_process
     log = LossLog(config.out_dir / "loss.csv", run.start) if main else None
