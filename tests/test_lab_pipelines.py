@@ -62,3 +62,18 @@ def test_a_two_cell_ablation_on_a_saved_pipeline_compares_with_the_fewer_steps_b
                                                            for r in stacks)
     assert stacks[0]["equal_flops_baseline"]["label"] in ("euler 2 steps", "unipc_bh2 2 steps")
     assert (tmp_path / "runs" / "wan-grid" / "pareto.png").stat().st_size > 1000
+
+
+def test_module_identity_changes_with_any_sampled_weight_and_dtype():
+    import torch
+
+    from accel.lab.fingerprint import module_identity
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.Linear(4, 2))
+    first = module_identity(model)
+    assert module_identity(model) == first  # deterministic
+    with torch.no_grad():
+        model[1].bias[-1] += 1e-3  # the last bytes of a tensor are sampled too
+    assert module_identity(model) != first
+    assert module_identity(model.to(torch.bfloat16)) != module_identity(model.to(torch.float32))

@@ -54,3 +54,26 @@ def differing_keys(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
     """The dotted keys whose values differ between two payloads (sorted)."""
     a, b = flatten(old), flatten(new)
     return sorted(key for key in set(a) | set(b) if canonical(a.get(key)) != canonical(b.get(key)))
+
+
+def module_identity(module: Any, sample_bytes: int = 4096) -> str:
+    """A fast identity of a model's weights, computed from the module in memory: every tensor's
+    name, shape and dtype, and the first and last `sample_bytes` bytes of its data.
+
+    Used where a result depends on the weights but only the loaded pipeline is at hand (a
+    calibration file or an adapter checked by `accel.apply`); hashing every byte of a 12B model at
+    each apply would take minutes, and a retrained or other model differs in these samples.
+    """
+    import torch
+
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        flat = tensor.detach().reshape(-1)
+        if flat.numel() == 0:
+            continue
+        raw = flat.view(torch.uint8) if flat.dtype != torch.bool else flat.to(torch.uint8)
+        head, tail = raw[:sample_bytes], raw[-sample_bytes:]
+        digest.update(head.cpu().numpy().tobytes())
+        digest.update(tail.cpu().numpy().tobytes())
+    return digest.hexdigest()[:FINGERPRINT_LENGTH]
