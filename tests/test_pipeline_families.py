@@ -72,3 +72,44 @@ def test_family_caches_and_remove_restores_bitwise(name, tmp_path):
         assert stats.steps_computed(branch) == seen[0::2] and stats.steps_cached(branch) == seen[1::2] != []
     assert cached.shape == plain.shape and torch.isfinite(cached).all()
     assert torch.equal(run(pipe, kwargs, STEPS), plain)
+
+
+def _denoiser_timesteps(pipe, kwargs, steps: int) -> tuple[list[float], torch.Tensor]:
+    """The `timestep` each denoiser call of one generation received (consecutive repeats once), and the output."""
+    seen: list[float] = []
+
+    def record(module, args, call_kwargs):
+        value = call_kwargs.get("timestep", call_kwargs.get("timesteps"))  # HiDream names it timesteps
+        if value is None:
+            value = args[1]
+        value = float(torch.as_tensor(value).reshape(-1)[0])
+        if not seen or seen[-1] != value:
+            seen.append(value)
+
+    models = [m for m in (getattr(pipe, n, None) for n in ("transformer", "transformer_2", "unet"))
+              if isinstance(m, torch.nn.Module)]
+    handles = [m.register_forward_pre_hook(record, with_kwargs=True) for m in models]
+    try:
+        out = run(pipe, kwargs, steps)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return seen, out
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_family_schedule_fidelity_euler_walks_the_pipelines_own_timesteps(name, tmp_path):
+    """On `schedule: auto`, accel's solver hands the denoiser exactly the timesteps the pipeline's own
+    scheduler does; with euler on a FlowMatchEuler pipeline the output is the native one too."""
+    family = FAMILIES[name]
+    pipe, kwargs = load(name, tmp_path)
+    native_scheduler = type(pipe.scheduler).__name__
+    native, native_out = _denoiser_timesteps(pipe, kwargs, STEPS)
+    accel.apply(pipe, Stack(SamplerPlan("euler", STEPS), guidance=GuidancePlan(family.guidance_scale)))
+    try:
+        ours, ours_out = _denoiser_timesteps(pipe, kwargs, STEPS)
+    finally:
+        accel.remove(pipe)
+    assert len(ours) == len(native) and torch.allclose(torch.tensor(ours), torch.tensor(native), rtol=1e-4, atol=1e-3)
+    if native_scheduler == "FlowMatchEulerDiscreteScheduler":
+        assert torch.allclose(ours_out, native_out, rtol=1e-4, atol=1e-4), (ours_out - native_out).abs().max()
