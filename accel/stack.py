@@ -1,4 +1,5 @@
-"""The Stack (DESIGN.md contract 5): sampler x cache x adapters x guidance, as typed data.
+"""The Stack: sampler x cache x adapters x guidance, as typed data (docs/architecture.md, "Stack, resolver,
+apply / remove").
 
 A `Stack` names what to run, by registry names only (a solver from `samplers.SOLVERS`, a preset
 from `caching.PRESETS`), so it can be printed, saved beside a result and rebuilt from a recipe.

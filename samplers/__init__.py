@@ -1,7 +1,7 @@
 """Few-step solvers and schedules. Knows nothing of caches or training.
 
 Every solver is a short pure function `sample_x(denoiser, x, sigmas, *, cond, callback)` over a
-Denoiser (contract 1), built on a generator core shared with the diffusers-compatible scheduler
+Denoiser (the Denoiser contract, docs/architecture.md), built on a generator core shared with the diffusers-compatible scheduler
 (`samplers.diffusers_scheduler.AccelScheduler`); schedules are separate `get_sigmas_*` functions.
 """
 

@@ -1,4 +1,4 @@
-"""Contract 1: one call shape for every model, with its parameterisation declared.
+"""The Denoiser contract: one call shape for every model, with its parameterisation declared.
 
 A *model function* is `model_fn(x, sigma, **cond) -> raw prediction` where `sigma` (B,) is the
 model's own noise-level variable (flow time t in [0, 1] for flow models). A `Denoiser` wraps it

@@ -1,4 +1,4 @@
-"""The shared loop driver: runs a solver and publishes the step context (contract 3).
+"""The shared loop driver: runs a solver and publishes the step context (step_context/).
 
 A solver's core is a generator ("solver steps"): it yields an `Evaluation` whenever it needs the
 data prediction x0 at (x, sigma), receives x0 through `send`, and returns the final sample. The

@@ -1,4 +1,4 @@
-"""Contract 1: the parameterisation adapters against closed-form values."""
+"""The Denoiser contract: the parameterisation adapters against closed-form values."""
 
 import pytest
 import torch
