@@ -95,3 +95,24 @@ def test_adapters_axis_and_failed_cells(tmp_path, model_dir, capsys):
     assert with_lora["family"] == "adapter" and without["family"] == "sampler"
     assert with_lora["psnr"] != without["psnr"]
     assert not any("steps=2 cache=fora" in label for label in records)
+
+
+def test_two_launched_processes_give_the_single_process_ablation(tmp_path, model_dir):
+    import os
+    import subprocess
+    import sys
+
+    from accel.recipe import RECIPES_DIR
+
+    args = ["embedded-demo", f"model.name={model_dir}", "name=split", *TINY]
+    assert main(["ablate", *args, f"output.dir={tmp_path / 'one'}"]) == 0
+    launched = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+         str(RECIPES_DIR / "launch" / "accelerate-cpu-2proc.yaml"), "-m", "accel", "ablate", *args,
+         f"output.dir={tmp_path / 'two'}"],
+        env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+    assert launched.returncode == 0, launched.stderr[-2000:]
+    measured = ("label", "kind", "nfe", "flops", "flops_speedup", "psnr", "ssim", "fd", "accuracy",
+                "beats_equal_flops_baseline")
+    one, two = _records(tmp_path / "one" / "split"), _records(tmp_path / "two" / "split")
+    assert [{k: r.get(k) for k in measured} for r in one] == [{k: r.get(k) for k in measured} for r in two]
