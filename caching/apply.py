@@ -52,6 +52,7 @@ class CacheHandle:
 
     def reset(self) -> None:
         """Drops every branch state (the next call starts a fresh cache)."""
+        self.runtime.stats.flush()
         self.runtime.states.clear()
 
     def remove(self) -> None:
@@ -134,6 +135,7 @@ def remove_cache(model: torch.nn.Module) -> None:
         return
     uninstall_hooks(handle._installed)
     _invalidate_diffusers_cache(model)
+    handle.runtime.stats.flush()
     handle.runtime.states.clear()
 
 

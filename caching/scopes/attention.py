@@ -16,7 +16,7 @@ kinds follow the trigger's decision.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from diffusers.hooks import ModelHook
@@ -64,18 +64,33 @@ class AttentionCacheHook(ModelHook):
 
     def new_forward(self, module: torch.nn.Module, *args, **kwargs):
         frame, original = self.runtime.frame, self.fn_ref.original_forward
-        if frame is None or frame.is_passthrough:
+        if frame is None or frame.context is None:
             return original(*args, **kwargs)
-        unit = frame.occurrence_key(self.unit)
-        slot = self.runtime.slot(frame, unit, lambda: ForecastSlot(self.runtime.config.update.new_forecaster()))
-        is_cached_now = not frame.kind_compute.get(self.kind, True) and slot.ready
-        if is_cached_now:
-            frame.skipped.append((unit, 1.0))
-            return slot.predict(frame.coordinate)
+        unit, cached = self._lookup(frame)
+        if cached is not None:
+            return cached
         output = self.runtime.run_unit(frame, unit, original, *args, **kwargs)
         if frame.record:
-            slot.record(frame.coordinate, output)
+            self._record(frame, unit, output)
         return output
+
+    @torch.compiler.disable
+    def _lookup(self, frame: "CallFrame") -> tuple[str, Any]:
+        """(the unit's slot name in this call, its forecast output if it is cached now, else None)."""
+        unit = frame.occurrence_key(self.unit)
+        slot = self.runtime.slot(frame, unit, self._new_slot)
+        is_cached_now = not frame.kind_compute.get(self.kind, True) and slot.ready
+        if not is_cached_now:
+            return unit, None
+        frame.skipped.append((unit, 1.0))
+        return unit, slot.predict(frame.coordinate)
+
+    @torch.compiler.disable
+    def _record(self, frame: "CallFrame", unit: str, output: Any) -> None:
+        frame.state.slots[unit].record(frame.coordinate, output)
+
+    def _new_slot(self) -> ForecastSlot:
+        return ForecastSlot(self.runtime.config.update.new_forecaster())
 
 
 def _kind_planner(scope: AttentionScope):

@@ -22,7 +22,7 @@ from diffusers.hooks import ModelHook
 
 from ..config import ScopeConfig
 from ..hooks import InstalledHook, install_hook
-from ..layouts import (BlockLayout, ModelLayout, bind_arguments, compose_output, range_segments, read_streams,
+from ..layouts import (BlockLayout, ModelLayout, StreamReader, bind_arguments, compose_output, range_segments,
                        registration_call, split_output, transformer_blocks)
 
 if TYPE_CHECKING:
@@ -82,62 +82,72 @@ class RangeSlot:
 class HeadProbeHook(ModelHook):
     """On the first block when head blocks exist: stashes its input (and probe) for the decision."""
 
-    def __init__(self, runtime: "CacheRuntime", layout: BlockLayout, needs_probe: bool) -> None:
+    def __init__(self, runtime: "CacheRuntime", layout: BlockLayout, needs_probe: bool,
+                 streams: StreamReader) -> None:
         super().__init__()
-        self.runtime, self.layout, self.needs_probe = runtime, layout, needs_probe
+        self.runtime, self.layout, self.needs_probe, self.streams = runtime, layout, needs_probe, streams
 
     def new_forward(self, module: torch.nn.Module, *args, **kwargs):
         frame = self.runtime.frame
-        if frame is not None and not frame.is_passthrough and frame.should_compute is None:
-            bound = bind_arguments(module, args, kwargs)
-            frame.scratch["head_input"] = read_streams(self.layout, bound)[0]
-            if self.needs_probe:
-                frame.scratch["probe"] = self.runtime.run_overhead(frame, self.layout.probe, module, bound)
+        if frame is not None and frame.context is not None and frame.should_compute is None:
+            self._stash(frame, module, args, kwargs)
         return self.fn_ref.original_forward(*args, **kwargs)
+
+    @torch.compiler.disable
+    def _stash(self, frame: "CallFrame", module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        frame.scratch["head_input"] = self.streams.read(args, kwargs)[0]
+        if self.needs_probe:
+            bound = bind_arguments(module, args, kwargs)
+            frame.scratch["probe"] = self.runtime.run_overhead(frame, self.layout.probe, module, bound)
 
 
 class BlockRangeHook(ModelHook):
-    """On each block of the cached range; the first decides, the last records or forecasts."""
+    """On each block of the cached range; the first decides, the last records or forecasts.
+
+    Under torch.compile the block itself and the pass-through of a skipped block are traced; the
+    decision, the recording and the forecast run eagerly (`torch.compiler.disable`), so the
+    compiled code only branches on the frame's decision: computed or cached.
+    """
 
     def __init__(self, runtime: "CacheRuntime", unit: str, layout: BlockLayout, *, is_entry: bool,
-                 is_exit: bool, decision: str | None, probe_here: bool, segment: int = 0,
-                 is_last_segment: bool = True) -> None:
+                 is_exit: bool, decision: str | None, probe_here: bool, streams: StreamReader,
+                 segment: int = 0, is_last_segment: bool = True, segment_units: tuple[str, ...] = ()) -> None:
         super().__init__()
-        self.runtime, self.unit, self.layout = runtime, unit, layout
+        self.runtime, self.unit, self.layout, self.streams = runtime, unit, layout, streams
         self.is_entry, self.is_exit = is_entry, is_exit
         self.decision, self.probe_here = decision, probe_here
         self.input_key, self.is_last_segment = f"range_input.{segment}", is_last_segment
+        self.skipped = tuple((name, 1.0) for name in segment_units)  # the segment's units, for the exit
 
     def new_forward(self, module: torch.nn.Module, *args, **kwargs):
         frame, original = self.runtime.frame, self.fn_ref.original_forward
-        if frame is None or frame.is_passthrough:
+        if frame is None or frame.context is None:
             return original(*args, **kwargs)
-        bound = bind_arguments(module, args, kwargs)
-        hidden, encoder = read_streams(self.layout, bound)
         if self.is_entry:
-            self._enter(frame, module, bound, hidden, encoder)
-        if frame.compute_now:
+            if self.decision is not None and frame.should_compute is None:
+                self._decide(frame, module, args, kwargs)
+            frame.scratch[self.input_key] = self.streams.read(args, kwargs)
+        if frame.should_compute is not False:
             output = self.runtime.run_unit(frame, self.unit, original, *args, **kwargs)
             if self.is_exit:
                 self._record(frame, output)
             return output
-        frame.skipped.append((self.unit, 1.0))
         if self.is_exit:
-            return self._forecast(frame, hidden, encoder)
+            return self._forecast(frame, args, kwargs)
+        hidden, encoder = self.streams.read(args, kwargs)
         return compose_output(self.layout, hidden, encoder)
 
-    def _enter(self, frame: "CallFrame", module, bound, hidden, encoder) -> None:
-        frame.scratch[self.input_key] = (hidden, encoder)
-        is_decided = frame.should_compute is not None  # a later stage follows its step's decision
-        if is_decided or self.decision is None:
-            return
+    @torch.compiler.disable
+    def _decide(self, frame: "CallFrame", module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         if self.decision == "probe":
-            probe = (self.runtime.run_overhead(frame, self.layout.probe, module, bound)
+            probe = (self.runtime.run_overhead(frame, self.layout.probe, module, bind_arguments(module, args, kwargs))
                      if self.probe_here else frame.scratch.get("probe"))
             self.runtime.decide(frame, probe)
         elif self.decision == "head_residual":
+            hidden = self.streams.read(args, kwargs)[0]
             self.runtime.decide(frame, hidden - frame.scratch["head_input"])
 
+    @torch.compiler.disable
     def _record(self, frame: "CallFrame", output: Any) -> None:
         hidden_out, encoder_out = split_output(self.layout, output)
         hidden_in, encoder_in = frame.scratch[self.input_key]
@@ -153,7 +163,10 @@ class BlockRangeHook(ModelHook):
         if self.is_last_segment:
             self.runtime.note_quantity(frame, hidden_residual)
 
-    def _forecast(self, frame: "CallFrame", hidden: torch.Tensor, encoder: torch.Tensor | None):
+    @torch.compiler.disable
+    def _forecast(self, frame: "CallFrame", args: tuple, kwargs: dict):
+        frame.skipped.extend(self.skipped)
+        hidden, encoder = self.streams.read(args, kwargs)
         slot: RangeSlot = frame.state.slots[self.unit]
         hidden_residual, encoder_residual = slot.forecaster.predict(frame.coordinate)
         hidden_out = hidden + hidden_residual
@@ -192,15 +205,18 @@ def apply_block_range(runtime: "CacheRuntime", model: torch.nn.Module, layout: M
     middle = blocks[scope.first:len(blocks) - scope.last]
     installed = []
     if scope.first > 0 and decision is not None:
-        hook = HeadProbeHook(runtime, blocks[0].layout, needs_probe=decision == "probe")
+        hook = HeadProbeHook(runtime, blocks[0].layout, needs_probe=decision == "probe",
+                             streams=StreamReader(blocks[0].module, blocks[0].layout))
         installed.append(install_hook(blocks[0].module, hook, "head"))
     last_segment = segment_of[middle[-1].name]
     for index, ref in enumerate(middle):
         segment = segment_of[ref.name]
         is_entry = index == 0 or segment_of[middle[index - 1].name] != segment
         is_exit = index == len(middle) - 1 or segment_of[middle[index + 1].name] != segment
+        units = tuple(other.name for other in middle if segment_of[other.name] == segment) if is_exit else ()
         hook = BlockRangeHook(runtime, ref.name, ref.layout, is_entry=is_entry, is_exit=is_exit,
                               decision=decision if index == 0 else None, probe_here=scope.first == 0,
-                              segment=segment, is_last_segment=segment == last_segment)
+                              streams=StreamReader(ref.module, ref.layout), segment=segment,
+                              is_last_segment=segment == last_segment, segment_units=units)
         installed.append(install_hook(ref.module, hook, "range"))
     return installed
