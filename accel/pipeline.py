@@ -67,7 +67,8 @@ class Applied:
     Attributes:
         stack: the stack as given (its step count is the default call's).
         resolved: the stack resolved for the latest call (or for the default call before any).
-        denoisers: (attribute name, module) of every denoiser the stack acts on.
+        denoisers: (attribute name, module) of every denoiser the stack acts on (the original
+            module of a `torch.compile` wrapper).
         scheduler: the pipeline's own scheduler, put back by remove.
         accel_scheduler: the AccelScheduler apply installed.
         base_run: what the stack was first resolved against (the per-call runs vary its steps
@@ -123,11 +124,21 @@ _APPLIED: "weakref.WeakKeyDictionary[Any, Applied]" = weakref.WeakKeyDictionary(
 # ---------------------------------------------------------------------------------------- run info
 
 
+def unwrap_compiled(model: torch.nn.Module) -> torch.nn.Module:
+    """The module a `torch.compile(module)` wrapper (OptimizedModule) compiles, else `model` itself.
+
+    Hooks go on the original module: the wrapper's compiled forward calls the original module's
+    `forward` attribute, so the compiled code runs the hooks (and recompiles once when they change).
+    """
+    original = getattr(model, "_orig_mod", None)
+    return original if isinstance(original, torch.nn.Module) else model
+
+
 def _denoiser(pipe: Any) -> tuple[str, torch.nn.Module]:
     for name in ("transformer", "unet"):
         model = getattr(pipe, name, None)
         if isinstance(model, torch.nn.Module):
-            return name, model
+            return name, unwrap_compiled(model)
     raise StackError(f"{type(pipe).__name__} has neither a transformer nor a unet; accel.apply needs a "
                      "diffusers pipeline with one of them")
 
@@ -185,7 +196,7 @@ def _new_scheduler(pipe: Any, stack: Stack) -> AccelScheduler:
 
 def _denoisers(pipe: Any) -> list[tuple[str, torch.nn.Module]]:
     """Every denoiser of the pipeline the stack acts on, the primary one first."""
-    found = [(name, getattr(pipe, name)) for name in DENOISER_ATTRIBUTES
+    found = [(name, unwrap_compiled(getattr(pipe, name))) for name in DENOISER_ATTRIBUTES
              if isinstance(getattr(pipe, name, None), torch.nn.Module)]
     if not found:
         _denoiser(pipe)  # raises the one-line error

@@ -181,6 +181,9 @@ class CacheRuntime:
         self.flop_tables: dict[tuple, FlopTable] = {}
         self.calibrator: Calibrator | None = None
         self.planners: list[Callable[[CallFrame], None]] = []
+        # unit -> slot factory: slots every branch state starts with (a compiled model then never
+        # sees a slot appear mid-generation, which would be one more guard and variant).
+        self.slot_factories: dict[str, Callable[[], Any]] = {}
         self.group: Any = None  # context-parallel process group (caching.parallel), or None
         self.stats.measure_cache_bytes = self.cache_bytes
         self._schedules: dict[int, RunSchedule] = {}
@@ -336,7 +339,11 @@ class CacheRuntime:
     def note_quantity(self, frame: CallFrame, value: torch.Tensor) -> None:
         """Offers a freshly computed cached quantity to calibration (magnitude ratios)."""
         if self.calibrator is not None and frame.record:
-            self.calibrator.note_quantity(frame, value)
+            self._note_quantity(frame, value)
+
+    @torch.compiler.disable
+    def _note_quantity(self, frame: CallFrame, value: torch.Tensor) -> None:
+        self.calibrator.note_quantity(frame, value)
 
     def cache_bytes(self) -> int:
         """Bytes of tensor storage held by all branch states (shared storages counted once)."""
@@ -387,7 +394,8 @@ class CacheRuntime:
         if state is None or is_new_shape or is_rewound:
             if state is not None:
                 self.stats.flush()
-            state = BranchState(signature=signature, trigger=self.trigger.new_state())
+            state = BranchState(signature=signature, trigger=self.trigger.new_state(),
+                                slots={key: factory() for key, factory in self.slot_factories.items()})
             self.states[context.branch] = state
         if context.stage == 0:
             state.last_step = context.step_index

@@ -56,25 +56,33 @@ class AttentionScope(ScopeConfig):
 
 
 class AttentionCacheHook(ModelHook):
-    """On one attention / MLP module: forecast its output when its kind is not recomputed."""
+    """On one attention / MLP module: forecast its output when its kind is not recomputed.
+
+    With plain reuse the whole hook is traced by torch.compile (its slot exists from the start of
+    each branch state, and the decision is the frame's per-kind flag); a forecasting update looks
+    up, forecasts and records eagerly.
+    """
 
     def __init__(self, runtime: "CacheRuntime", unit: str, kind: str) -> None:
         super().__init__()
         self.runtime, self.unit, self.kind = runtime, unit, kind
+        self.is_reuse = runtime.config.update.name == "reuse"
 
     def new_forward(self, module: torch.nn.Module, *args, **kwargs):
         frame, original = self.runtime.frame, self.fn_ref.original_forward
         if frame is None or frame.context is None:
             return original(*args, **kwargs)
-        unit, cached = self._lookup(frame)
+        unit, cached = self._lookup(frame) if self.is_reuse else self._lookup_untraced(frame)
         if cached is not None:
             return cached
         output = self.runtime.run_unit(frame, unit, original, *args, **kwargs)
         if frame.record:
-            self._record(frame, unit, output)
+            if self.is_reuse:
+                self._record(frame, unit, output)
+            else:
+                self._record_untraced(frame, unit, output)
         return output
 
-    @torch.compiler.disable
     def _lookup(self, frame: "CallFrame") -> tuple[str, Any]:
         """(the unit's slot name in this call, its forecast output if it is cached now, else None)."""
         unit = frame.occurrence_key(self.unit)
@@ -85,9 +93,11 @@ class AttentionCacheHook(ModelHook):
         frame.skipped.append((unit, 1.0))
         return unit, slot.predict(frame.coordinate)
 
-    @torch.compiler.disable
     def _record(self, frame: "CallFrame", unit: str, output: Any) -> None:
         frame.state.slots[unit].record(frame.coordinate, output)
+
+    _lookup_untraced = torch.compiler.disable(_lookup)
+    _record_untraced = torch.compiler.disable(_record)
 
     def _new_slot(self) -> ForecastSlot:
         return ForecastSlot(self.runtime.config.update.new_forecaster())
@@ -126,6 +136,7 @@ def apply_attention_scope(runtime: "CacheRuntime", model: torch.nn.Module, layou
                 if isinstance(module, torch.nn.Module):
                     hook = AttentionCacheHook(runtime, f"{ref.name}.{attr}", kind)
                     installed.append(install_hook(module, hook, "attention"))
+                    runtime.slot_factories[hook.unit] = hook._new_slot
     if not installed:
         call = registration_call(blocks[0].module, blocks[0].layout,
                                  attention="{'self': ('<attention submodule>', ...), 'mlp': (...)}")
