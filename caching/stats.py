@@ -11,7 +11,7 @@ call, since it runs on every call.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Sequence
 
 if TYPE_CHECKING:
     from .runtime import CallFrame
@@ -41,9 +41,8 @@ class FlopTable:
         return self.total - sum(self.units.get(unit, 0.0) * fraction for unit, fraction in skipped)
 
 
-@dataclass(frozen=True)
-class CallRecord:
-    """One model call.
+class CallRecord(NamedTuple):
+    """One model call (a named tuple: one is made per model call).
 
     Attributes:
         branch: guidance branch.

@@ -24,7 +24,7 @@ from diffusers.hooks import ModelHook
 from ..config import ScopeConfig
 from ..hooks import InstalledHook, install_hook
 from ..layouts import ModelLayout, registration_call, submodule, transformer_blocks
-from ._common import ForecastSlot
+from ._common import ForecastSlot, ReuseSlot
 
 if TYPE_CHECKING:
     from ..runtime import CacheRuntime, CallFrame
@@ -72,35 +72,48 @@ class AttentionCacheHook(ModelHook):
         frame, original = self.runtime.frame, self.fn_ref.original_forward
         if frame is None or frame.context is None:
             return original(*args, **kwargs)
-        unit, cached = self._lookup(frame) if self.is_reuse else self._lookup_untraced(frame)
-        if cached is not None:
-            return cached
-        output = self.runtime.run_unit(frame, unit, original, *args, **kwargs)
+        if not self.is_reuse:
+            return self._forecasting_forward(frame, original, args, kwargs)
+        unit = frame.occurrence_key(self.unit)
+        slot = frame.state.slots.get(unit)
+        if slot is None:
+            slot = self.runtime.slot(frame, unit, self._new_slot)
+        if slot.output is not None and not frame.kind_compute.get(self.kind, True):
+            frame.skipped.append((unit, 1.0))
+            return slot.output
+        output = (self.runtime.run_unit(frame, unit, original, *args, **kwargs) if frame.measure_flops
+                  else original(*args, **kwargs))
         if frame.record:
-            if self.is_reuse:
-                self._record(frame, unit, output)
-            else:
-                self._record_untraced(frame, unit, output)
+            slot.output = output
         return output
 
-    def _lookup(self, frame: "CallFrame") -> tuple[str, Any]:
+    def _forecasting_forward(self, frame: "CallFrame", original: Any, args: tuple, kwargs: dict) -> Any:
+        """A forecasting update (Taylor, FoCa): looks up, forecasts and records eagerly (under
+        torch.compile), the module itself is traced."""
+        unit, forecast = self._forecast(frame)
+        if forecast is not None:
+            return forecast
+        output = self.runtime.run_unit(frame, unit, original, *args, **kwargs)
+        if frame.record:
+            self._record(frame, unit, output)
+        return output
+
+    @torch.compiler.disable
+    def _forecast(self, frame: "CallFrame") -> tuple[str, Any]:
         """(the unit's slot name in this call, its forecast output if it is cached now, else None)."""
         unit = frame.occurrence_key(self.unit)
         slot = self.runtime.slot(frame, unit, self._new_slot)
-        is_cached_now = not frame.kind_compute.get(self.kind, True) and slot.ready
-        if not is_cached_now:
+        if not slot.ready or frame.kind_compute.get(self.kind, True):
             return unit, None
         frame.skipped.append((unit, 1.0))
         return unit, slot.predict(frame.coordinate)
 
+    @torch.compiler.disable
     def _record(self, frame: "CallFrame", unit: str, output: Any) -> None:
         frame.state.slots[unit].record(frame.coordinate, output)
 
-    _lookup_untraced = torch.compiler.disable(_lookup)
-    _record_untraced = torch.compiler.disable(_record)
-
-    def _new_slot(self) -> ForecastSlot:
-        return ForecastSlot(self.runtime.config.update.new_forecaster())
+    def _new_slot(self) -> ForecastSlot | ReuseSlot:
+        return ReuseSlot() if self.is_reuse else ForecastSlot(self.runtime.config.update.new_forecaster())
 
 
 def _kind_planner(scope: AttentionScope):

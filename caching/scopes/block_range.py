@@ -135,7 +135,8 @@ class BlockRangeHook(ModelHook):
             if frame.should_compute is not False:
                 self.exit.range_input = self.streams.read(args, kwargs)
         if frame.should_compute is not False:
-            output = self.runtime.run_unit(frame, self.unit, original, *args, **kwargs)
+            output = (self.runtime.run_unit(frame, self.unit, original, *args, **kwargs) if frame.measure_flops
+                      else original(*args, **kwargs))
             if self.is_exit:
                 if self.is_reuse:
                     self._record(frame, output)

@@ -79,7 +79,8 @@ class SingleBlockHook(ModelHook):
             if self.is_reuse:
                 return self._forecast(frame, slot, hidden, encoder)
             return self._forecast_untraced(frame, slot, hidden, encoder)
-        output = self.runtime.run_unit(frame, self.unit, original, *args, **kwargs)
+        output = (self.runtime.run_unit(frame, self.unit, original, *args, **kwargs) if frame.measure_flops
+                  else original(*args, **kwargs))
         if frame.record:
             if self.is_reuse:
                 self._record(frame, slot, hidden, encoder, output)
