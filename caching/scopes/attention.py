@@ -78,8 +78,8 @@ class AttentionCacheHook(ModelHook):
         slot = frame.state.slots.get(unit)
         if slot is None:
             slot = self.runtime.slot(frame, unit, self._new_slot)
-        if slot.output is not None and not frame.kind_compute.get(self.kind, True):
-            frame.skipped.append((unit, 1.0))
+        if not frame.kind_compute.get(self.kind, True) and slot.output is not None:  # decision first: a
+            frame.skipped.append((unit, 1.0))  # computed call never reads the slot (no guard on it)
             return slot.output
         output = (self.runtime.run_unit(frame, unit, original, *args, **kwargs) if frame.measure_flops
                   else original(*args, **kwargs))
