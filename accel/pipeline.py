@@ -42,6 +42,7 @@ import torch
 
 import caching
 from caching.hooks import InstalledHook, install_hook, uninstall_hooks
+from caching.parallel import context_parallel_size
 from samplers.diffusers_scheduler import AccelScheduler
 
 from accel.adapter_files import check_adapter_fits
@@ -175,7 +176,8 @@ def run_info_for(pipe: Any, stack: Stack) -> RunInfo:
                    num_steps=stack.sampler.steps, guidance=mode, num_blocks=num_blocks,
                    noise_family=probe.model_schedule.name, pipeline_class=type(pipe).__name__,
                    supports_lora=hasattr(pipe, "load_lora_weights"), schedule=walk.describe(),
-                   starts_mid_walk="strength" in inspect.signature(type(pipe).__call__).parameters)
+                   starts_mid_walk="strength" in inspect.signature(type(pipe).__call__).parameters,
+                   context_parallel=context_parallel_size(denoiser))
 
 
 # ---------------------------------------------------------------------------------------- apply

@@ -19,6 +19,7 @@ variant per computed / cached path, none per step).
 from __future__ import annotations
 
 import logging
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
@@ -31,6 +32,7 @@ from step_context import StepContext, current_step
 from . import flops as _quantized_flop_formulas  # noqa: F401  (registers them)
 from .calibration import Calibrator
 from .config import CacheConfig, RunSchedule
+from .parallel import context_parallel_group
 from .stats import CacheStats, FlopTable
 
 logger = logging.getLogger("caching")
@@ -185,6 +187,7 @@ class CacheRuntime:
         # sees a slot appear mid-generation, which would be one more guard and variant).
         self.slot_factories: dict[str, Callable[[], Any]] = {}
         self.group: Any = None  # context-parallel process group (caching.parallel), or None
+        self._model: "weakref.ref[torch.nn.Module] | None" = None
         self.stats.measure_cache_bytes = self.cache_bytes
         self._schedules: dict[int, RunSchedule] = {}
         self._warned: set[str] = set()
@@ -194,6 +197,12 @@ class CacheRuntime:
                            "to calibrate them (or call calibrate_%s beforehand)", self.trigger.name,
                            self.trigger.name)
             self.calibrator = Calibrator(self.trigger.name)
+
+    def watch_parallelism(self, model: torch.nn.Module) -> None:
+        """Reads `model`'s context-parallel group now and at the start of every generation (the
+        user may enable parallelism after applying the cache)."""
+        self._model = weakref.ref(model)
+        self.group = context_parallel_group(model)
 
     # ------------------------------------------------------------------ planning a call
     def begin_call(self, args: tuple, kwargs: dict) -> CallFrame:
@@ -382,6 +391,9 @@ class CacheRuntime:
         self.states.clear()
         self.generation = context.generation
         self.stats.begin_run(context.generation)
+        model = self._model() if self._model is not None else None
+        if model is not None:
+            self.group = context_parallel_group(model)
 
     def _branch_state(self, context: StepContext, signature: tuple) -> BranchState:
         state = self.states.get(context.branch)
