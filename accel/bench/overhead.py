@@ -1,7 +1,7 @@
 """`accel bench overhead [--quick] [--json PATH] [--out DIR]`: what accel adds on the user's path.
 
-One FluxPipeline per variant (the same random weights, `_overhead_pipelines`), timed in
-interleaved rounds so that load drift hits every variant alike, eager and then compiled
+One FluxPipeline per variant (the same random weights, `_overhead_pipelines`), timed eagerly in
+interleaved rounds so that load drift hits every variant alike, then compiled
 (`pipe.transformer.compile()` after `accel.apply`, the user's order):
 
 * `bare`: the pipeline as diffusers ships it (FlowMatchEulerDiscreteScheduler);
@@ -17,7 +17,8 @@ Each record: the median seconds per generation, the per-step overhead over `bare
 FLOPs of one generation (torch-counted, eager) and the ratios `flop_ratio` = bare FLOPs / FLOPs and
 `wall_ratio` = bare seconds / seconds (same mode), `efficiency` = wall_ratio / flop_ratio, and for
 compiled runs the graphs dynamo compiled during warm-up and afterwards (`steady_graphs`, 0 when
-compiled code is reused). Outputs under `out_dir`: overhead.json, overhead.md.
+compiled code is reused). Compiled variants run one after the other, each compiled alone (see
+`_compiled_times`). Outputs under `out_dir`: overhead.json, overhead.md.
 
 GPU (FLUX width, bf16): `python -m accel.bench.overhead --device cuda --model flux-width
 --dtype bfloat16 --height 1024 --width 1024 --steps 28 --cache-dit --out runs/bench-overhead-gpu`.
@@ -26,7 +27,6 @@ GPU (FLUX width, bf16): `python -m accel.bench.overhead --device cuda --model fl
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import statistics
 import sys
@@ -67,6 +67,8 @@ class Settings:
         variants: the variants to time (names above).
         modes: "eager" and/or "compiled".
         threads: torch CPU threads (None leaves torch's setting).
+        backend: the torch.compile backend of compiled runs ("inductor"; "eager" traces only).
+        passes: compiled runs go through the variants once, or twice (there and back).
     """
 
     spec: PipelineSpec = PipelineSpec()
@@ -75,6 +77,8 @@ class Settings:
     variants: tuple[str, ...] = QUICK_VARIANTS
     modes: tuple[str, ...] = MODES
     threads: int | None = 1
+    backend: str = "inductor"
+    passes: int = 1
 
     def __post_init__(self) -> None:
         unknown = [v for v in self.variants if v != "bare" and v not in CACHES and not v.startswith("cache-dit")]
@@ -141,14 +145,34 @@ def _timed_rounds(pipes: dict[str, Any], kwargs: dict, settings: Settings) -> di
     return times
 
 
-def _compile(pipes: dict[str, Any]) -> dict[str, Any]:
+def _compiled_times(pipes: dict[str, Any], kwargs: dict, settings: Settings) -> tuple[dict, dict]:
+    """Each variant compiled alone (dynamo reset before it), warmed up and timed `repeats` times in a
+    row; with `passes` = 2 the variants run again in reverse order (ABBA), against load drift.
+
+    Compiled variants are not interleaved: dynamo keeps one cache per function for all modules, and
+    pipelines compiled with different backends evict each other's entries (a recompile per switch).
+
+    Returns:
+        (seconds per variant, (graphs compiled during warm-up, graphs compiled while timed) per variant).
+    """
     from torch._dynamo.testing import CompileCounterWithBackend
 
-    counters = {}
-    for name, pipe in pipes.items():
-        counters[name] = CompileCounterWithBackend("inductor")
-        pipe.transformer.compile(backend=counters[name])
-    return counters
+    names = list(pipes)
+    order = names + names[::-1] if settings.passes == 2 else names
+    times: dict[str, list[float]] = {name: [] for name in names}
+    graphs: dict[str, tuple[int, int]] = {}
+    for name in order:
+        pipe = pipes[name]
+        torch._dynamo.reset()
+        counter = CompileCounterWithBackend(settings.backend)
+        pipe.transformer.compile(backend=counter)
+        for _ in range(2):
+            _generate(pipe, kwargs, settings.steps, settings.spec.device)
+        warm = counter.frame_count
+        times[name] += [_generate(pipe, kwargs, settings.steps, settings.spec.device) for _ in range(settings.repeats)]
+        graphs[name] = (warm, counter.frame_count - warm + graphs.get(name, (0, 0))[1])
+    torch._dynamo.reset()
+    return times, graphs
 
 
 def _records(mode: str, times: dict[str, list[float]], flops: dict[str, float], graphs: dict[str, tuple[int, int]],
@@ -185,32 +209,16 @@ def measure(settings: Settings, log: Callable[[str], None] = print) -> list[dict
         _generate(pipe, kwargs, settings.steps, settings.spec.device)
     flops = {name: _flops(pipe, kwargs, settings.steps, settings.spec.device) for name, pipe in pipes.items()}
     records = []
-    for mode in settings.modes:
-        counters = _compile(pipes) if mode == "compiled" else {}
-        with _dynamo_limits() if mode == "compiled" else contextlib.nullcontext():
-            for name, pipe in pipes.items():  # warm-up: compiles, calibrations, allocator
-                for _ in range(2):
-                    _generate(pipe, kwargs, settings.steps, settings.spec.device)
-            warm = {name: counter.frame_count for name, counter in counters.items()}
-            log(f"timing {len(pipes)} variants, {mode}, {settings.repeats} rounds")
-            times = _timed_rounds(pipes, kwargs, settings)
-        graphs = {name: (warm[name], counter.frame_count - warm[name]) for name, counter in counters.items()}
-        records += _records(mode, times, flops, graphs, settings)
+    if "eager" in settings.modes:
+        for pipe in pipes.values():  # warm-up: calibrations, allocator
+            _generate(pipe, kwargs, settings.steps, settings.spec.device)
+        log(f"timing {len(pipes)} variants, eager, {settings.repeats} interleaved rounds")
+        records += _records("eager", _timed_rounds(pipes, kwargs, settings), flops, {}, settings)
+    if "compiled" in settings.modes:
+        log(f"timing {len(pipes)} variants, compiled ({settings.backend}), one after the other")
+        times, graphs = _compiled_times(pipes, kwargs, settings)
+        records += _records("compiled", times, flops, graphs, settings)
     return records
-
-
-@contextlib.contextmanager
-def _dynamo_limits():
-    """One process holds every variant's compiled code: dynamo's per-function entry limit counts
-    all pipelines' entries together, so it is raised here (the per-variant graph counts stay
-    recorded, and `steady_graphs` shows none is added once warm)."""
-    config = torch._dynamo.config
-    saved = config.recompile_limit, config.accumulated_recompile_limit
-    config.recompile_limit, config.accumulated_recompile_limit = 64, 4096
-    try:
-        yield
-    finally:
-        config.recompile_limit, config.accumulated_recompile_limit = saved
 
 
 COLUMNS = (("mode", "mode", "{}"), ("variant", "variant", "{}"), ("step_ms", "ms/step", "{:.2f}"),
@@ -267,7 +275,8 @@ def run_settings(settings: Settings, json_path: Path | None, out_dir: Path) -> l
 
 def run(quick: bool, json_path: Path | None, out_dir: Path) -> list[dict]:
     """`accel bench overhead`: the tiny pipeline on the CPU at 256x256, one thread."""
-    settings = Settings(steps=20, repeats=3) if quick else Settings(steps=50, repeats=7, variants=FULL_VARIANTS)
+    settings = (Settings(steps=20, repeats=3) if quick else
+                Settings(steps=50, repeats=7, variants=FULL_VARIANTS, passes=2))
     return run_settings(settings, json_path, out_dir)
 
 
@@ -283,11 +292,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: 1 on the CPU)")
     parser.add_argument("--modes", default="eager,compiled")
+    parser.add_argument("--variants", default=None, help="comma-separated (default: all; bare is always run)")
     parser.add_argument("--cache-dit", action="store_true", help="add fbcache-0.08 and cache-dit's DBCache F1B0")
     parser.add_argument("--json", default=None)
     parser.add_argument("--out", default="runs/bench-overhead")
     args = parser.parse_args(argv)
     variants = FULL_VARIANTS + (CACHE_DIT_VARIANTS if args.cache_dit else ())
+    if args.variants:
+        variants = ("bare", *(v for v in args.variants.split(",") if v != "bare"))
     threads = args.threads if args.threads is not None else (1 if args.device == "cpu" else None)
     try:
         settings = Settings(PipelineSpec(args.model, args.height, args.width, args.device, args.dtype),
