@@ -7,6 +7,8 @@ scheduler add to.
 
 * "tiny": `caching.testing.tiny_model("FluxTransformer2DModel")` (2 double + 2 single blocks, width
   16), the model the test suite drives; at 256x256 it sees 256 image tokens.
+* "small": the FLUX layout at width 128 (2 heads x 64, text width 128, 32 text tokens) with 2 double
+  and 4 single blocks: on a CPU its blocks, not Python, take most of a step, as at FLUX width on a GPU.
 * "flux-width": FLUX.1's width (24 heads x 128 = 3072, text width 4096, 512 text tokens, guidance
   embedding) with 4 double and 8 single blocks; 1024x1024 gives 4,096 image tokens.
 """
@@ -19,7 +21,16 @@ from typing import Any
 
 import torch
 
-MODELS = ("tiny", "flux-width")
+MODELS = ("tiny", "small", "flux-width")
+# FluxTransformer2DModel arguments and text tokens of the built models ("tiny" is caching.testing's)
+CONFIGS = {
+    "small": (dict(patch_size=1, in_channels=16, num_layers=2, num_single_layers=4, attention_head_dim=64,
+                   num_attention_heads=2, joint_attention_dim=128, pooled_projection_dim=128,
+                   axes_dims_rope=(8, 28, 28)), 32),
+    "flux-width": (dict(patch_size=1, in_channels=64, num_layers=4, num_single_layers=8, attention_head_dim=128,
+                        num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768,
+                        guidance_embeds=True, axes_dims_rope=(16, 56, 56)), 512),
+}
 
 
 @dataclass(frozen=True)
@@ -27,7 +38,7 @@ class PipelineSpec:
     """What to build and how to call it.
 
     Attributes:
-        model: "tiny" or "flux-width".
+        model: "tiny", "small" or "flux-width".
         height / width: the image size the pipeline is called with (pixels; latents are 1/8).
         device: "cpu" or "cuda".
         dtype: the transformer's dtype ("float32", "bfloat16", "float16").
@@ -64,10 +75,7 @@ def _transformer(spec: PipelineSpec) -> torch.nn.Module:
 
         return tiny_model("FluxTransformer2DModel", seed=spec.seed).model
     with torch.device(spec.device):
-        model = FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=4, num_single_layers=8,
-                                       attention_head_dim=128, num_attention_heads=24, joint_attention_dim=4096,
-                                       pooled_projection_dim=768, guidance_embeds=True,
-                                       axes_dims_rope=(16, 56, 56))
+        model = FluxTransformer2DModel(**CONFIGS[spec.model][0])
     return model.eval()
 
 
@@ -87,7 +95,7 @@ def build_pipeline(spec: PipelineSpec) -> tuple[Any, dict]:
                         tokenizer_2=None, transformer=transformer)
     pipe.set_progress_bar_config(disable=True)
     config = transformer.config
-    tokens = 3 if spec.model == "tiny" else 512
+    tokens = 3 if spec.model == "tiny" else CONFIGS[spec.model][1]
     generator = torch.Generator().manual_seed(spec.seed + 1)
     prompt = torch.randn(1, tokens, config.joint_attention_dim, generator=generator)
     pooled = torch.randn(1, config.pooled_projection_dim, generator=generator)

@@ -39,7 +39,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from accel import io
-from accel.bench._overhead_pipelines import PipelineSpec, build_pipeline, copy_pipeline
+from accel.bench._overhead_pipelines import MODELS, PipelineSpec, build_pipeline, copy_pipeline
 
 QUICK_VARIANTS = ("bare", "none", "fora-1", "fbcache-0", "reuse-3")
 FULL_VARIANTS = QUICK_VARIANTS + ("taylor-3",)
@@ -283,7 +283,7 @@ def run(quick: bool, json_path: Path | None, out_dir: Path) -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     """`python -m accel.bench.overhead`: the same bench with the model, device and size as flags."""
     parser = argparse.ArgumentParser(prog="python -m accel.bench.overhead", description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="tiny", choices=("tiny", "flux-width"))
+    parser.add_argument("--model", default="tiny", choices=MODELS)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--height", type=int, default=256)
