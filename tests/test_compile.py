@@ -9,7 +9,7 @@ uncond share them), and a fourth generation compiles nothing.
 
 import pytest
 import torch
-from tiny_pipelines import load, run
+from tiny_pipelines import denoiser, load, run
 from torch._dynamo.testing import CompileCounter
 
 import accel
@@ -59,26 +59,30 @@ def _graphs_per_generation(pipe, kwargs, counter: CompileCounter) -> list[int]:
     return counts
 
 
-@pytest.mark.parametrize("preset, params, most_graphs", [
-    ("taylorseer", {"interval": 3, "update": "reuse", "warmup": 0.0}, 2),  # whole residual: computed, cached
-    ("fora", {"interval": 2}, 2),                                          # every attention / MLP output
-    ("fora", {"interval": 1}, 1),                                          # computes every step: one graph
-    ("deltadit", {"interval": 2}, 4),                                      # per block, early / late phase
-    ("fbcache", {"threshold": 0.3}, 14),                                   # decides from features mid-forward
-    ("taylorseer", {"interval": 3, "warmup": 0.0}, 12),                    # forecasts eagerly at the range exit
+@pytest.mark.parametrize("family, preset, params, most_graphs", [
+    ("flux", "taylorseer", {"interval": 3, "update": "reuse", "warmup": 0.0}, 2),  # whole residual
+    ("flux", "fora", {"interval": 2}, 2),                    # every attention / MLP output
+    ("flux", "fora", {"interval": 1}, 1),                    # computes every step: one graph
+    ("flux", "deltadit", {"interval": 2}, 4),                # per block, early / late phase
+    ("flux", "toca", {"interval": 3}, 2),                    # token subsets
+    ("flux", "fbcache", {"threshold": 0.3}, 14),             # decides from features mid-forward
+    ("flux", "taylorseer", {"interval": 3, "warmup": 0.0}, 12),  # forecasts eagerly at the range exit
+    ("sd3", "fora", {"interval": 2}, 2),                     # cond and uncond batched in one call
+    ("sd15", "deepcache", {"interval": 2}, 2),               # a UNet's deep branch
 ])
-def test_compiling_after_apply_reuses_compiled_code_across_step_counts(tmp_path, strict_dynamo, preset, params,
-                                                                       most_graphs):
-    pipe, kwargs = load("flux", tmp_path)
+def test_compiling_after_apply_reuses_compiled_code_across_step_counts(tmp_path, strict_dynamo, family, preset,
+                                                                       params, most_graphs):
+    pipe, kwargs = load(family, tmp_path)
     accel.apply(pipe, _stack(preset, params))
     counter = CompileCounter()
-    pipe.transformer.compile(backend=counter)
+    denoiser(pipe).compile(backend=counter)
     counts = _graphs_per_generation(pipe, kwargs, counter)
     assert counts[0] == counts[-1] <= most_graphs, counts  # nothing compiled after the first generation
     variants = _variants_of_our_functions()
     assert variants and max(variants.values()) <= 2, variants
     branches = accel.summary(pipe).branches
-    assert {b.branch for b in branches} == {"cond", "uncond"} and all(b.calls == 10 for b in branches)
+    assert {b.branch for b in branches} == ({"cond", "uncond"} if family == "flux" else {"batched"})
+    assert all(b.calls == 10 for b in branches)
     assert all(b.steps_cached for b in branches) or preset == "fora" and params["interval"] == 1
     accel.remove(pipe)
 
