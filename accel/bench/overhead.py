@@ -13,7 +13,8 @@ interleaved rounds so that load drift hits every variant alike, then compiled
 * `taylor-3` (full run): the same with TaylorSeer's order-1 forecast;
 * with `--cache-dit` (GPU command): `fbcache-0.08` and cache-dit's DBCache F1B0 at the same threshold.
 
-Each record: the median seconds per generation, the per-step overhead over `bare` in ms and %,
+Each record: the median seconds per generation, the per-step overhead over `bare` in ms and % (and
+in the process's CPU time, less disturbed by other work on a shared CPU),
 FLOPs of one generation (torch-counted, eager) and the ratios `flop_ratio` = bare FLOPs / FLOPs and
 `wall_ratio` = bare seconds / seconds (same mode), `efficiency` = wall_ratio / flop_ratio, and for
 compiled runs the graphs dynamo compiled during warm-up and afterwards (`steady_graphs`, 0 when
@@ -116,16 +117,20 @@ def _prepare(variant: str, pipe: Any, steps: int) -> None:
     accel.apply(pipe, stack_of(variant, steps))
 
 
-def _generate(pipe: Any, kwargs: dict, steps: int, device: str) -> float:
-    """Seconds of one generation (synchronised on CUDA)."""
+def _generate(pipe: Any, kwargs: dict, steps: int, device: str) -> tuple[float, float]:
+    """(wall-clock seconds, this process's CPU seconds) of one generation (synchronised on CUDA).
+
+    The CPU time is what the process itself spent: on a CPU shared with other work it is less
+    disturbed by the others than the wall-clock.
+    """
     generator = torch.Generator(device).manual_seed(0)
     if device.startswith("cuda"):
         torch.cuda.synchronize()
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     pipe(**kwargs, num_inference_steps=steps, generator=generator)
     if device.startswith("cuda"):
         torch.cuda.synchronize()
-    return time.perf_counter() - start
+    return time.perf_counter() - start, time.process_time() - cpu_start
 
 
 def _flops(pipe: Any, kwargs: dict, steps: int, device: str) -> float:
@@ -134,10 +139,10 @@ def _flops(pipe: Any, kwargs: dict, steps: int, device: str) -> float:
     return float(counter.get_total_flops())
 
 
-def _timed_rounds(pipes: dict[str, Any], kwargs: dict, settings: Settings) -> dict[str, list[float]]:
+def _timed_rounds(pipes: dict[str, Any], kwargs: dict, settings: Settings) -> dict[str, list[tuple]]:
     """`repeats` rounds over every variant; each round starts one variant later (no fixed order)."""
     names = list(pipes)
-    times: dict[str, list[float]] = {name: [] for name in names}
+    times: dict[str, list[tuple]] = {name: [] for name in names}
     for round_index in range(settings.repeats):
         for offset in range(len(names)):
             name = names[(round_index + offset) % len(names)]
@@ -153,13 +158,14 @@ def _compiled_times(pipes: dict[str, Any], kwargs: dict, settings: Settings) -> 
     pipelines compiled with different backends evict each other's entries (a recompile per switch).
 
     Returns:
-        (seconds per variant, (graphs compiled during warm-up, graphs compiled while timed) per variant).
+        ((wall, CPU) seconds per variant, (graphs compiled during warm-up, graphs compiled while
+        timed) per variant).
     """
     from torch._dynamo.testing import CompileCounterWithBackend
 
     names = list(pipes)
     order = names + names[::-1] if settings.passes == 2 else names
-    times: dict[str, list[float]] = {name: [] for name in names}
+    times: dict[str, list[tuple]] = {name: [] for name in names}
     graphs: dict[str, tuple[int, int]] = {}
     for name in order:
         pipe = pipes[name]
@@ -175,12 +181,14 @@ def _compiled_times(pipes: dict[str, Any], kwargs: dict, settings: Settings) -> 
     return times, graphs
 
 
-def _records(mode: str, times: dict[str, list[float]], flops: dict[str, float], graphs: dict[str, tuple[int, int]],
+def _records(mode: str, times: dict[str, list[tuple]], flops: dict[str, float], graphs: dict[str, tuple[int, int]],
              settings: Settings) -> list[dict]:
-    bare = statistics.median(times["bare"])
+    bare = statistics.median(wall for wall, _ in times["bare"])
+    bare_cpu = statistics.median(cpu for _, cpu in times["bare"])
     records = []
     for name, samples in times.items():
-        seconds = statistics.median(samples)
+        seconds = statistics.median(wall for wall, _ in samples)
+        cpu_seconds = statistics.median(cpu for _, cpu in samples)
         flop_ratio = flops["bare"] / flops[name] if flops.get(name) else None
         wall_ratio = bare / seconds
         record = dict(variant=name, mode=mode, model=settings.spec.model, device=settings.spec.device,
@@ -188,8 +196,10 @@ def _records(mode: str, times: dict[str, list[float]], flops: dict[str, float], 
                       steps=settings.steps, repeats=len(samples), seconds=seconds,
                       step_ms=1000 * seconds / settings.steps,
                       overhead_ms_per_step=1000 * (seconds - bare) / settings.steps,
-                      overhead_pct=100 * (seconds / bare - 1), flops=flops.get(name), flop_ratio=flop_ratio,
-                      wall_ratio=wall_ratio, efficiency=wall_ratio / flop_ratio if flop_ratio else None,
+                      overhead_pct=100 * (seconds / bare - 1), cpu_seconds=cpu_seconds,
+                      cpu_overhead_pct=100 * (cpu_seconds / bare_cpu - 1), flops=flops.get(name),
+                      flop_ratio=flop_ratio, wall_ratio=wall_ratio,
+                      efficiency=wall_ratio / flop_ratio if flop_ratio else None,
                       graphs=graphs[name][0] if name in graphs else None,
                       steady_graphs=graphs[name][1] if name in graphs else None)
         records.append(record)
@@ -223,6 +233,7 @@ def measure(settings: Settings, log: Callable[[str], None] = print) -> list[dict
 
 COLUMNS = (("mode", "mode", "{}"), ("variant", "variant", "{}"), ("step_ms", "ms/step", "{:.2f}"),
            ("overhead_ms_per_step", "overhead ms/step", "{:+.3f}"), ("overhead_pct", "overhead", "{:+.1f}%"),
+           ("cpu_overhead_pct", "CPU-time overhead", "{:+.1f}%"),
            ("flop_ratio", "FLOP ratio", "{:.2f}x"), ("wall_ratio", "wall ratio", "{:.2f}x"),
            ("efficiency", "wall/FLOP", "{:.2f}"), ("graphs", "graphs", "{}"), ("steady_graphs", "steady", "{}"))
 
