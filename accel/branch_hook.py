@@ -10,7 +10,9 @@ How a pipeline evaluates guidance is read from its `__call__` (`branch_mode`):
 * "ordered": separate calls without names (Chroma, Lumina2, FLUX Kontext): within a step the first
   call is "cond" and a second one "uncond".
 
-The branch is published with `step_context.guidance_branch`, so caches keep one state per branch.
+The branch is published with `step_context.set_branch` (the blockless `guidance_branch`), so caches keep
+one state per branch. The bookkeeping runs under `torch.compiler.disable`: a compiled denoiser traces
+only its own forward.
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import torch
 from diffusers.hooks import ModelHook
 from diffusers.hooks.hooks import StateManager
 
-from step_context import current_step, guidance_branch
+from step_context import current_step, reset_branch, set_branch
 
 
 class _PipelineCallName(StateManager):
@@ -137,28 +139,50 @@ class GuidanceBranchHook(ModelHook):
                 self.on_uncond()
 
     def new_forward(self, module: torch.nn.Module, *args: Any, **kwargs: Any) -> Any:
+        token, branch, context = self._enter()
+        try:
+            reuses = self.uncond_interval > 1 and context is not None
+            output = self._reused_uncond(context) if reuses and branch == "uncond" else None
+            if output is None:
+                output = self.fn_ref.original_forward(*args, **kwargs)
+                if reuses and branch in ("cond", "uncond"):
+                    self._keep(context, branch, output)
+        finally:
+            if token is not None:
+                reset_branch(token)
+        return output
+
+    @torch.compiler.disable
+    def _enter(self) -> tuple[Any, str | None, Any]:
+        """Reads the step context, names the call's branch, counts it and publishes it.
+
+        Returns:
+            (the token that unpublishes the branch, or None; the branch or None; the step context).
+        """
         context = current_step()
         branch = self.branch(context)
         self._count(context, branch)
-        with guidance_branch(branch) if branch is not None else contextlib.nullcontext():
-            if branch == "uncond" and self.uncond_interval > 1 and context is not None:
-                return self._uncond(context, args, kwargs)
-            output = self.fn_ref.original_forward(*args, **kwargs)
-        if branch == "cond" and self.uncond_interval > 1 and context is not None:
-            self._cond = ((context.generation, context.step_index, context.stage), output)
-        return output
+        return (set_branch(branch) if branch is not None else None), branch, context
 
-    def _uncond(self, context: Any, args: tuple, kwargs: dict) -> Any:
+    @torch.compiler.disable
+    def _reused_uncond(self, context: Any) -> Any:
+        """This step's cond output plus the latest (uncond - cond), or None when uncond must run."""
         key = (context.generation, context.step_index, context.stage)
         cond = self._cond[1] if self._cond is not None and self._cond[0] == key else None
         delta = self._delta[1] if self._delta is not None and self._delta[0] == context.generation else None
         if cond is not None and delta is not None and context.step_index % self.uncond_interval != 0:
             self.reused_calls += 1
             return _with_first_tensor(cond, first_tensor(cond) + delta)
-        output = self.fn_ref.original_forward(*args, **kwargs)
-        if cond is not None:
-            self._delta = (context.generation, first_tensor(output) - first_tensor(cond))
-        return output
+        return None
+
+    @torch.compiler.disable
+    def _keep(self, context: Any, branch: str, output: Any) -> None:
+        """Keeps a cond output for this step's uncond call; an uncond output updates the offset."""
+        key = (context.generation, context.step_index, context.stage)
+        if branch == "cond":
+            self._cond = (key, output)
+        elif self._cond is not None and self._cond[0] == key:
+            self._delta = (context.generation, first_tensor(output) - first_tensor(self._cond[1]))
 
     def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
         self._cond = self._delta = None

@@ -42,6 +42,7 @@ import torch
 
 import caching
 from caching.hooks import InstalledHook, install_hook, uninstall_hooks
+from caching.parallel import context_parallel_size
 from samplers.diffusers_scheduler import AccelScheduler
 
 from accel.adapter_files import check_adapter_fits
@@ -67,7 +68,8 @@ class Applied:
     Attributes:
         stack: the stack as given (its step count is the default call's).
         resolved: the stack resolved for the latest call (or for the default call before any).
-        denoisers: (attribute name, module) of every denoiser the stack acts on.
+        denoisers: (attribute name, module) of every denoiser the stack acts on (the original
+            module of a `torch.compile` wrapper).
         scheduler: the pipeline's own scheduler, put back by remove.
         accel_scheduler: the AccelScheduler apply installed.
         base_run: what the stack was first resolved against (the per-call runs vary its steps
@@ -123,11 +125,21 @@ _APPLIED: "weakref.WeakKeyDictionary[Any, Applied]" = weakref.WeakKeyDictionary(
 # ---------------------------------------------------------------------------------------- run info
 
 
+def unwrap_compiled(model: torch.nn.Module) -> torch.nn.Module:
+    """The module a `torch.compile(module)` wrapper (OptimizedModule) compiles, else `model` itself.
+
+    Hooks go on the original module: the wrapper's compiled forward calls the original module's
+    `forward` attribute, so the compiled code runs the hooks (and recompiles once when they change).
+    """
+    original = getattr(model, "_orig_mod", None)
+    return original if isinstance(original, torch.nn.Module) else model
+
+
 def _denoiser(pipe: Any) -> tuple[str, torch.nn.Module]:
     for name in ("transformer", "unet"):
         model = getattr(pipe, name, None)
         if isinstance(model, torch.nn.Module):
-            return name, model
+            return name, unwrap_compiled(model)
     raise StackError(f"{type(pipe).__name__} has neither a transformer nor a unet; accel.apply needs a "
                      "diffusers pipeline with one of them")
 
@@ -164,7 +176,8 @@ def run_info_for(pipe: Any, stack: Stack) -> RunInfo:
                    num_steps=stack.sampler.steps, guidance=mode, num_blocks=num_blocks,
                    noise_family=probe.model_schedule.name, pipeline_class=type(pipe).__name__,
                    supports_lora=hasattr(pipe, "load_lora_weights"), schedule=walk.describe(),
-                   starts_mid_walk="strength" in inspect.signature(type(pipe).__call__).parameters)
+                   starts_mid_walk="strength" in inspect.signature(type(pipe).__call__).parameters,
+                   context_parallel=context_parallel_size(denoiser))
 
 
 # ---------------------------------------------------------------------------------------- apply
@@ -185,7 +198,7 @@ def _new_scheduler(pipe: Any, stack: Stack) -> AccelScheduler:
 
 def _denoisers(pipe: Any) -> list[tuple[str, torch.nn.Module]]:
     """Every denoiser of the pipeline the stack acts on, the primary one first."""
-    found = [(name, getattr(pipe, name)) for name in DENOISER_ATTRIBUTES
+    found = [(name, unwrap_compiled(getattr(pipe, name))) for name in DENOISER_ATTRIBUTES
              if isinstance(getattr(pipe, name, None), torch.nn.Module)]
     if not found:
         _denoiser(pipe)  # raises the one-line error

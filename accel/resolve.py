@@ -25,6 +25,7 @@ from caching.config import CacheConfig
 
 from accel.adapter_files import (TRAINED_FOR_KEYS, TRAINED_FOR_RECIPE_KEYS, adapter_file, read_adapter_metadata,
                                  read_trained_for)
+from accel.resolve_parallel import context_parallel_decisions
 from accel.stack import CachePlan, Stack, StackError
 
 # Below this many steps a skipped step spans over a tenth of the trajectory: holding a whole step's
@@ -59,6 +60,8 @@ class RunInfo:
             pipeline's FlowMatchEulerDiscreteScheduler)"), when known.
         starts_mid_walk: the pipeline may start denoising part way along the walk (img2img and
             inpainting with strength < 1).
+        context_parallel: ranks sharing the denoiser's tokens (diffusers context parallelism), 1
+            without it.
     """
 
     model_class: str
@@ -72,6 +75,7 @@ class RunInfo:
     supports_lora: bool = True
     schedule: str | None = None
     starts_mid_walk: bool = False
+    context_parallel: int = 1
 
     def __post_init__(self) -> None:
         if self.guidance not in GUIDANCE_MODES:
@@ -380,7 +384,7 @@ def trajectory_fractions(stack: Stack, run: RunInfo) -> Decision:
 RULES: tuple[Rule, ...] = (
     steps_match_run, prediction_fits_solver, mid_walk_start_needs_one_evaluation, adapters_trained_for, adapters_fuse_then_calibrate, guidance_distilled,
     guidance_branches, scope_fits_model, step_reuse_needs_steps, router_trained_for, multistep_needs_forecast,
-    trajectory_fractions,
+    trajectory_fractions, context_parallel_decisions,
 )
 
 

@@ -18,6 +18,7 @@ import torch
 from .config import CacheConfig
 from .hooks import InstalledHook, install_hook, uninstall_hooks
 from .layouts import get_model_layout
+from .parallel import context_parallel_group
 from .runtime import CacheModelHook, CacheRuntime
 from .scopes import SCOPE_INSTALLERS
 from .stats import CacheStats
@@ -52,6 +53,7 @@ class CacheHandle:
 
     def reset(self) -> None:
         """Drops every branch state (the next call starts a fresh cache)."""
+        self.runtime.stats.flush()
         self.runtime.states.clear()
 
     def remove(self) -> None:
@@ -76,6 +78,14 @@ def _check_fits(model: torch.nn.Module, config: CacheConfig) -> None:
                                                                                       "deep_branch"):
         raise ValueError(f"MagCache calibrates on a block-range residual or a UNet deep feature, not on scope "
                          f"'{scope.name}'; pass ratios=calibrate_magcache(model, run_fn).ratios")
+    if context_parallel_group(model) is not None:
+        if trigger.needs_calibration:
+            raise ValueError(f"{trigger.name} would calibrate on each rank's token shard of the context-parallel "
+                             f"{type(model).__name__}; calibrate on one process (caching.calibrate_{trigger.name}) "
+                             "and pass the result")
+        if scope.name == "tokens":
+            raise ValueError(f"the tokens scope ranks tokens within each rank's shard of the context-parallel "
+                             f"{type(model).__name__}; use a block or attention scope")
     if type(scope) not in SCOPE_INSTALLERS:
         raise ValueError(f"scope {type(scope).__name__} has no installer; register it in "
                          "caching.scopes.SCOPE_INSTALLERS")
@@ -105,6 +115,7 @@ def apply_cache(model: torch.nn.Module, config: CacheConfig) -> CacheHandle:
     config = copy.deepcopy(config)
     layout = get_model_layout(model)
     runtime = CacheRuntime(config, type(model).__name__)
+    runtime.watch_parallelism(model)
     installed: list[InstalledHook] = []
     try:
         installed += SCOPE_INSTALLERS[type(config.scope)](runtime, model, layout, config.scope)
@@ -134,6 +145,7 @@ def remove_cache(model: torch.nn.Module) -> None:
         return
     uninstall_hooks(handle._installed)
     _invalidate_diffusers_cache(model)
+    handle.runtime.stats.flush()
     handle.runtime.states.clear()
 
 

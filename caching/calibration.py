@@ -56,8 +56,16 @@ class MagCacheCalibration:
         return f"MagCacheCalibration(steps={len(self.ratios)}, min={min(self.ratios):.4g}, max={max(self.ratios):.4g})"
 
 
-def relative_l1(current: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
-    """mean|current - previous| / mean|previous|, a 0-d tensor on the inputs' device."""
+def relative_l1(current: torch.Tensor, previous: torch.Tensor, group: Any = None) -> torch.Tensor:
+    """mean|current - previous| / mean|previous|, a 0-d tensor on the inputs' device.
+
+    With a context-parallel `group` the inputs are this rank's token shard and the means are taken
+    over every rank's tokens (`caching.parallel.reduced_relative_l1`), so all ranks get one value.
+    """
+    if group is not None:
+        from .parallel import reduced_relative_l1
+
+        return reduced_relative_l1(current, previous, group)
     return (current - previous).abs().mean() / previous.abs().mean().clamp_min(_EPS)
 
 

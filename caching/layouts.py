@@ -233,6 +233,37 @@ def read_streams(layout: BlockLayout, bound: Mapping[str, Any]):
     return hidden, encoder
 
 
+class StreamReader:
+    """Reads a block's image and text streams straight from a call's (args, kwargs).
+
+    The argument positions are looked up once, when a hook is installed, so reading costs two
+    index operations per call and no signature work (and torch.compile traces it as plain
+    indexing).
+
+    Args:
+        module: the block whose forward is called.
+        layout: the block's layout.
+    """
+
+    __slots__ = ("hidden_arg", "encoder_arg", "hidden_position", "encoder_position")
+
+    def __init__(self, module: nn.Module, layout: BlockLayout) -> None:
+        names = discovery.forward_parameters(type(module))
+        self.hidden_arg, self.encoder_arg = layout.hidden_arg, layout.encoder_arg
+        missing = 1 << 30  # an argument only ever passed by keyword
+        self.hidden_position = names.index(layout.hidden_arg) if layout.hidden_arg in names else missing
+        self.encoder_position = (names.index(layout.encoder_arg) if layout.encoder_arg in names else missing)
+
+    def read(self, args: tuple, kwargs: Mapping[str, Any]):
+        """(hidden_states, encoder_hidden_states or None) of one call, as `read_streams` returns them."""
+        hidden = args[self.hidden_position] if self.hidden_position < len(args) else kwargs.get(self.hidden_arg)
+        if self.encoder_arg is None:
+            return hidden, None
+        encoder = (args[self.encoder_position] if self.encoder_position < len(args)
+                   else kwargs.get(self.encoder_arg))
+        return hidden, encoder
+
+
 def split_output(layout: BlockLayout, output: Any):
     """(hidden_states, encoder_hidden_states or None) from a block's return value."""
     if layout.hidden_out is None:

@@ -8,13 +8,19 @@ whether the cached scope is recomputed — at once for triggers that need only t
 or later, at the scope's decision point, for triggers that watch features. The scope hooks on
 blocks read the frame. When the call returns, the frame commits the decision to the branch state
 and to the statistics.
+
+The per-call path is kept cheap and compile-friendly: the frame is a slotted object, the cache
+memory statistic is measured lazily (`CacheStats.flush`), and the bookkeeping that reads the step
+context, plans, decides and commits runs under `torch.compiler.disable`, so a compiled model
+traces only its blocks and the hooks' plain branches on the frame's decision (one compiled
+variant per computed / cached path, none per step).
 """
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator
+import weakref
+from typing import Any, Callable
 
 import torch
 from diffusers.hooks import ModelHook
@@ -25,124 +31,11 @@ from step_context import StepContext, current_step
 from . import flops as _quantized_flop_formulas  # noqa: F401  (registers them)
 from .calibration import Calibrator
 from .config import CacheConfig, RunSchedule
+from .frame import BranchState, CallFrame, input_signature, iter_tensors  # noqa: F401  (re-exported)
+from .parallel import context_parallel_group
 from .stats import CacheStats, FlopTable
 
 logger = logging.getLogger("caching")
-
-
-@dataclass
-class BranchState:
-    """Everything a cache keeps for one guidance branch of one generation.
-
-    Attributes:
-        signature: shapes, dtypes and devices of the model inputs the state was built for.
-        trigger: the trigger's own state.
-        last_computed_step: step index of the latest computed evaluation, or None.
-        consecutive_cached: cached steps since the latest computed one.
-        decisions: step index -> whether stage 0 computed (later stages of a step follow it).
-        kind_last_computed: for attention scopes, step of the latest computation per kind.
-        slots: per-hook cached data (forecasters, token caches), keyed by unit name.
-        has_cache: True once a computed evaluation filled the slots.
-        last_step: the latest stage-0 step index seen (a step going backwards means a new run).
-    """
-
-    signature: tuple
-    trigger: Any
-    last_computed_step: int | None = None
-    consecutive_cached: int = 0
-    decisions: dict[int, bool] = field(default_factory=dict)
-    kind_last_computed: dict[str, int] = field(default_factory=dict)
-    slots: dict[str, Any] = field(default_factory=dict)
-    has_cache: bool = False
-    last_step: int = -1
-
-
-@dataclass
-class CallFrame:
-    """The plan of one model call, shared by the model hook and the scope hooks.
-
-    Attributes:
-        context: the published step context, or None (then everything is computed).
-        state: the branch state of this call.
-        schedule: the run's trajectory fractions as step counts.
-        signature: the input signature (shapes) of the call.
-        coordinate: the forecast coordinate of this call (step index or sigma).
-        must_compute: warm-up, cool-down, a forced refresh, an empty cache or calibration.
-        should_compute: the decision; None until a feature-watching trigger decided.
-        record: whether computed values update histories (stage 0 only).
-        measure_flops: whether this call measures per-unit FLOPs for its signature.
-        kind_compute: attention kinds recomputed in this call (attention scope).
-        scratch: tensors passed between hooks within the call (range entry inputs, probes).
-        skipped: (unit, fraction of its FLOPs skipped) for each unit not (fully) computed.
-        tokens: (tokens computed, tokens total) per token-scope module call.
-        unit_flops: FLOPs measured per unit during a measuring call.
-        overhead_flops: FLOPs of indicators (probes) measured during a measuring call.
-        total_flops: FLOPs of the whole call, when measured.
-    """
-
-    context: StepContext | None = None
-    state: BranchState | None = None
-    schedule: RunSchedule | None = None
-    signature: tuple = ()
-    coordinate: float = 0.0
-    must_compute: bool = True
-    should_compute: bool | None = True
-    record: bool = False
-    measure_flops: bool = False
-    kind_compute: dict[str, bool] = field(default_factory=dict)
-    scratch: dict[str, Any] = field(default_factory=dict)
-    skipped: list[tuple[str, float]] = field(default_factory=list)
-    tokens: list[tuple[int, int]] = field(default_factory=list)
-    unit_flops: dict[str, float] = field(default_factory=dict)
-    overhead_flops: float = 0.0
-    total_flops: float | None = None
-
-    def occurrence_key(self, unit: str) -> str:
-        """`unit` on its first call within this model call, `unit#k` on its (k+1)-th.
-
-        A module that a block calls more than once per forward (CogView4's feed-forward runs on
-        the image and then the text tokens) gets one cache slot and one FLOP count per call.
-        """
-        counts = self.scratch.setdefault("occurrences", {})
-        index = counts.get(unit, 0)
-        counts[unit] = index + 1
-        return unit if index == 0 else f"{unit}#{index}"
-
-    @property
-    def is_passthrough(self) -> bool:
-        """True when no step context was published: every hook computes as if absent."""
-        return self.context is None
-
-    @property
-    def compute_now(self) -> bool:
-        """Whether the cached scope runs in this call (an undecided frame computes)."""
-        return self.should_compute is not False
-
-
-def input_signature(args: tuple, kwargs: dict) -> tuple:
-    """Shapes, dtypes and devices of the tensor arguments of a call: a change means a new state."""
-    items = list(enumerate(args)) + sorted(kwargs.items(), key=lambda item: item[0])
-    return tuple((key, tuple(v.shape), v.dtype, v.device) for key, v in items if isinstance(v, torch.Tensor))
-
-
-def iter_tensors(obj: Any, depth: int = 0) -> Iterator[torch.Tensor]:
-    """Every tensor reachable from `obj` through containers, `tensors()` methods and attributes."""
-    if depth > 6 or obj is None or isinstance(obj, (int, float, str, bool)):
-        return
-    if isinstance(obj, torch.Tensor):
-        yield obj
-    elif isinstance(obj, dict):
-        for value in obj.values():
-            yield from iter_tensors(value, depth + 1)
-    elif isinstance(obj, (list, tuple)):
-        for value in obj:
-            yield from iter_tensors(value, depth + 1)
-    elif hasattr(obj, "tensors"):
-        for item in obj.tensors():
-            yield from iter_tensors(item, depth + 1)
-    elif hasattr(obj, "__dict__"):
-        for value in vars(obj).values():
-            yield from iter_tensors(value, depth + 1)
 
 
 class CacheRuntime:
@@ -164,6 +57,12 @@ class CacheRuntime:
         self.flop_tables: dict[tuple, FlopTable] = {}
         self.calibrator: Calibrator | None = None
         self.planners: list[Callable[[CallFrame], None]] = []
+        # unit -> slot factory: slots every branch state starts with (a compiled model then never
+        # sees a slot appear mid-generation, which would be one more guard and variant).
+        self.slot_factories: dict[str, Callable[[], Any]] = {}
+        self.group: Any = None  # context-parallel process group (caching.parallel), or None
+        self._model: "weakref.ref[torch.nn.Module] | None" = None
+        self.stats.measure_cache_bytes = self.cache_bytes
         self._schedules: dict[int, RunSchedule] = {}
         self._warned: set[str] = set()
         self.auto_calibrate = True
@@ -172,6 +71,12 @@ class CacheRuntime:
                            "to calibrate them (or call calibrate_%s beforehand)", self.trigger.name,
                            self.trigger.name)
             self.calibrator = Calibrator(self.trigger.name)
+
+    def watch_parallelism(self, model: torch.nn.Module) -> None:
+        """Reads `model`'s context-parallel group now and at the start of every generation (the
+        user may enable parallelism after applying the cache)."""
+        self._model = weakref.ref(model)
+        self.group = context_parallel_group(model)
 
     # ------------------------------------------------------------------ planning a call
     def begin_call(self, args: tuple, kwargs: dict) -> CallFrame:
@@ -182,18 +87,51 @@ class CacheRuntime:
                            "computing every call in full")
             self.stats.passthrough_calls += 1
             return CallFrame()
-        self._sync_generation(context)
+        if context.generation != self.generation:
+            self._sync_generation(context)
         signature = input_signature(args, kwargs)
         state = self._branch_state(context, signature)
-        frame = CallFrame(context=context, state=state, schedule=self._schedule(context.num_steps),
-                          signature=signature,
-                          coordinate=self.config.update.coordinate(context.step_index, context.sigma))
+        schedule = self._schedules.get(context.num_steps)
+        if schedule is None:
+            schedule = self._schedule(context.num_steps)
+        frame = CallFrame(context, state, schedule, signature,
+                          self.config.update.coordinate(context.step_index, context.sigma), self.group)
         self._plan(frame)
         for planner in self.planners:
             planner(frame)
-        frame.measure_flops = (self.config.count_flops and frame.compute_now
+        frame.measure_flops = (self.config.count_flops and frame.should_compute is not False
                                and signature not in self.flop_tables)
         return frame
+
+    @torch.compiler.disable
+    def open_call(self, args: tuple, kwargs: dict) -> CallFrame | None:
+        """`begin_call`, made the frame of the call in progress; None for a nested call of the model.
+
+        Runs eagerly under torch.compile (it reads the step context and plans in Python).
+        """
+        if self.frame is not None:  # a nested call of the same model: not a denoising step
+            return None
+        frame = self.frame = self.begin_call(args, kwargs)
+        return frame
+
+    @torch.compiler.disable
+    def close_call(self, frame: CallFrame, output: Any) -> None:
+        """Ends the call in progress and commits it (`end_call`); runs eagerly under torch.compile."""
+        self.frame = None
+        self.end_call(frame, output)
+
+    @torch.compiler.disable
+    def abandon_call(self) -> None:
+        """Forgets the call in progress after its forward raised."""
+        self.frame = None
+
+    @torch.compiler.disable
+    def measured_call(self, frame: CallFrame, forward: Callable, args: tuple, kwargs: dict) -> Any:
+        """Runs the model's forward eagerly under FlopCounterMode (the first computed call of a signature)."""
+        with FlopCounterMode(display=False) as counter:
+            output = forward(*args, **kwargs)
+        frame.total_flops = counter.get_total_flops()
+        return output
 
     def _plan(self, frame: CallFrame) -> None:
         context, state, schedule = frame.context, frame.state, frame.schedule
@@ -219,6 +157,7 @@ class CacheRuntime:
         else:
             frame.should_compute = bool(self.trigger.wants_compute(state.trigger, frame, None))
 
+    @torch.compiler.disable
     def decide(self, frame: CallFrame, signal: Any) -> bool:
         """The decision of a feature-watching trigger, given its signal (probe or head residual)."""
         if frame.should_compute is not None:
@@ -251,7 +190,7 @@ class CacheRuntime:
         if frame.measure_flops and frame.total_flops is not None:
             self.flop_tables[frame.signature] = FlopTable(frame.total_flops, dict(frame.unit_flops),
                                                           frame.overhead_flops)
-        self.stats.record_call(frame, computed, self.flop_tables.get(frame.signature), self.cache_bytes())
+        self.stats.record_call(frame, computed, self.flop_tables.get(frame.signature))
 
     # ------------------------------------------------------------------ helpers for scope hooks
     def run_unit(self, frame: CallFrame, unit: str, fn: Callable, *args, **kwargs) -> Any:
@@ -275,14 +214,19 @@ class CacheRuntime:
     def slot(self, frame: CallFrame, key: str, factory: Callable[[], Any]) -> Any:
         """The branch's cached data for `key`, created by `factory` on first use."""
         slots = frame.state.slots
-        if key not in slots:
-            slots[key] = factory()
-        return slots[key]
+        found = slots.get(key)
+        if found is None:
+            found = slots[key] = factory()
+        return found
 
     def note_quantity(self, frame: CallFrame, value: torch.Tensor) -> None:
         """Offers a freshly computed cached quantity to calibration (magnitude ratios)."""
         if self.calibrator is not None and frame.record:
-            self.calibrator.note_quantity(frame, value)
+            self._note_quantity(frame, value)
+
+    @torch.compiler.disable
+    def _note_quantity(self, frame: CallFrame, value: torch.Tensor) -> None:
+        self.calibrator.note_quantity(frame, value)
 
     def cache_bytes(self) -> int:
         """Bytes of tensor storage held by all branch states (shared storages counted once)."""
@@ -312,6 +256,7 @@ class CacheRuntime:
     def _sync_generation(self, context: StepContext) -> None:
         if context.generation == self.generation:
             return
+        self.stats.flush()  # the ending run's cache memory, before its states go
         if self.auto_calibrate and self.calibrator is not None and self.calibrator.has_data:
             try:
                 self.finish_calibration()
@@ -320,6 +265,9 @@ class CacheRuntime:
         self.states.clear()
         self.generation = context.generation
         self.stats.begin_run(context.generation)
+        model = self._model() if self._model is not None else None
+        if model is not None:
+            self.group = context_parallel_group(model)
 
     def _branch_state(self, context: StepContext, signature: tuple) -> BranchState:
         state = self.states.get(context.branch)
@@ -330,7 +278,10 @@ class CacheRuntime:
                            "generation id; resetting the cache (drivers should call new_generation())",
                            context.generation)
         if state is None or is_new_shape or is_rewound:
-            state = BranchState(signature=signature, trigger=self.trigger.new_state())
+            if state is not None:
+                self.stats.flush()
+            state = BranchState(signature=signature, trigger=self.trigger.new_state(),
+                                slots={key: factory() for key, factory in self.slot_factories.items()})
             self.states[context.branch] = state
         if context.stage == 0:
             state.last_step = context.step_index
@@ -352,23 +303,22 @@ class CacheModelHook(ModelHook):
         self.runtime = runtime
 
     def new_forward(self, module: torch.nn.Module, *args, **kwargs):
-        runtime = self.runtime
-        if runtime.frame is not None:  # a nested call of the same model: not a denoising step
-            return self.fn_ref.original_forward(*args, **kwargs)
-        frame = runtime.begin_call(args, kwargs)
-        runtime.frame = frame
+        runtime, forward = self.runtime, self.fn_ref.original_forward
+        frame = runtime.open_call(args, kwargs)
+        if frame is None:
+            return forward(*args, **kwargs)
         try:
             if frame.measure_flops:
-                with FlopCounterMode(display=False) as counter:
-                    output = self.fn_ref.original_forward(*args, **kwargs)
-                frame.total_flops = counter.get_total_flops()
+                output = runtime.measured_call(frame, forward, args, kwargs)
             else:
-                output = self.fn_ref.original_forward(*args, **kwargs)
-        finally:
-            runtime.frame = None
-        runtime.end_call(frame, output)
+                output = forward(*args, **kwargs)
+        except BaseException:
+            runtime.abandon_call()
+            raise
+        runtime.close_call(frame, output)
         return output
 
     def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
+        self.runtime.stats.flush()
         self.runtime.states.clear()
         return module

@@ -11,7 +11,7 @@ call, since it runs on every call.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple, Sequence
 
 if TYPE_CHECKING:
     from .runtime import CallFrame
@@ -36,14 +36,13 @@ class FlopTable:
         """FLOPs of the call without any cache (no indicator either)."""
         return self.total - self.overhead
 
-    def computed(self, skipped: list[tuple[str, float]]) -> float:
+    def computed(self, skipped: Sequence[tuple[str, float]]) -> float:
         """FLOPs actually computed when `skipped` (unit, fraction) were not computed."""
         return self.total - sum(self.units.get(unit, 0.0) * fraction for unit, fraction in skipped)
 
 
-@dataclass(frozen=True)
-class CallRecord:
-    """One model call.
+class CallRecord(NamedTuple):
+    """One model call (a named tuple: one is made per model call).
 
     Attributes:
         branch: guidance branch.
@@ -129,44 +128,75 @@ class RunStats:
 
 
 class CacheStats:
-    """Statistics of every run of one applied cache, by generation id."""
+    """Statistics of every run of one applied cache, by generation id.
+
+    Cache memory is measured lazily: walking every cached tensor on each model call would cost
+    more than the call's own bookkeeping, and a branch state's memory only grows while it lives
+    (forecasters keep a bounded history of fixed-shape tensors; a shape change starts a new state;
+only a trigger's 0-d accumulators, a few bytes, come and go).
+    So calls only mark the memory as changed, and `flush` measures it — before a state is dropped
+    or replaced, and whenever the statistics are read — which yields the same peak.
+
+    Attributes:
+        measure_cache_bytes: returns the bytes the cache holds now (set by the runtime).
+    """
 
     def __init__(self) -> None:
         self.runs: dict[int, RunStats] = {}
         self.passthrough_calls = 0
-        self.cache_bytes = 0
+        self.measure_cache_bytes: Callable[[], int] | None = None
+        self._cache_bytes = 0
         self._current: RunStats | None = None
+        self._unmeasured = False
+
+    @property
+    def cache_bytes(self) -> int:
+        """Bytes the cache holds after the latest call."""
+        self.flush()
+        return self._cache_bytes
+
+    def flush(self) -> None:
+        """Measures the cache memory if a call changed it since the last measurement."""
+        if not self._unmeasured or self.measure_cache_bytes is None:
+            return
+        self._unmeasured = False
+        self._cache_bytes = self.measure_cache_bytes()
+        if self._current is not None:
+            self._current.peak_cache_bytes = max(self._current.peak_cache_bytes, self._cache_bytes)
 
     def begin_run(self, generation: int) -> None:
         self._current = self.runs.setdefault(generation, RunStats(generation))
 
-    def record_call(self, frame: "CallFrame", computed: bool, table: FlopTable | None,
-                    cache_bytes: int) -> None:
+    def record_call(self, frame: "CallFrame", computed: bool, table: FlopTable | None) -> None:
         context = frame.context
         if self._current is None or self._current.generation != context.generation:
+            self.flush()
             self.begin_run(context.generation)
         skipped = tuple(frame.skipped)
-        tokens_computed = sum(done for done, _ in frame.tokens)
-        tokens_total = sum(total for _, total in frame.tokens)
+        tokens = frame.tokens
+        tokens_computed = sum(done for done, _ in tokens) if tokens else 0
+        tokens_total = sum(total for _, total in tokens) if tokens else 0
         full = computed_flops = None
         if table is not None:
-            full, computed_flops = table.full, table.computed(list(skipped))
+            full, computed_flops = table.full, table.computed(skipped) if skipped else table.total
         self._current.calls.append(CallRecord(context.branch, context.step_index, context.stage, computed,
                                               skipped, tokens_computed, tokens_total, full,
                                               computed_flops))
-        self.cache_bytes = cache_bytes
-        self._current.peak_cache_bytes = max(self._current.peak_cache_bytes, cache_bytes)
+        self._unmeasured = True
 
     def last_run(self) -> RunStats | None:
         """The statistics of the latest generation, or None before any call."""
+        self.flush()
         return self._current
 
     def summary(self) -> dict[str, Any]:
         """All runs, JSON-ready."""
+        self.flush()
         return {"runs": [run.to_dict() for run in self.runs.values()],
                 "passthrough_calls": self.passthrough_calls, "cache_bytes": self.cache_bytes}
 
     def reset(self) -> None:
         self.runs.clear()
         self._current = None
+        self._unmeasured = False
         self.passthrough_calls = 0

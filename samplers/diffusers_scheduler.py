@@ -17,7 +17,6 @@ context of that call is published (step_context.set_current); after the last ste
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
 from collections.abc import Callable, Mapping
 
@@ -28,11 +27,11 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin, SchedulerOutpu
 
 from samplers.api import make_sigmas
 from samplers.denoiser import FlowSchedule, prediction_to_x0
-from samplers.loop import Evaluation, advance, check_sigmas, evaluation_context, model_timestep
+from samplers.loop import Evaluation, advance, check_sigmas, model_timestep
 from samplers.native_schedule import describe_native, native_class, native_walk
 from samplers.registry import DEFAULT_SCHEDULES, SOLVERS, SolverSpec, get_schedule, get_solver
 from samplers.schedules import optimized_solver_options, vp_schedule_from_betas
-from step_context import new_generation, set_current
+from step_context import StepContext, new_generation, set_current
 
 PREDICTION_ALIASES = {"flow": "flow", "flow_prediction": "flow", "epsilon": "epsilon", "v": "v",
                       "v_prediction": "v", "x0": "x0", "sample": "x0"}
@@ -50,6 +49,13 @@ def plan_evaluations(spec: SolverSpec, sigmas: torch.Tensor, schedule, options: 
         plan.append(Evaluation(torch.empty(0), request.sigma, request.step_index, request.stage))
         request, _ = advance(core, zero)
     return plan
+
+
+def _values_key(values) -> tuple | None:
+    """A hashable copy of the sigmas or timesteps a pipeline passed (None stays None)."""
+    if values is None:
+        return None
+    return tuple(torch.as_tensor(values, dtype=torch.float64).detach().cpu().reshape(-1).tolist())
 
 
 def _given_count(sigmas, timesteps) -> int | None:
@@ -128,6 +134,7 @@ class AccelScheduler(SchedulerMixin, ConfigMixin):
         self._plan: list[Evaluation] = []
         self._plan_timesteps: list[float] = []
         self._solver_options: dict = dict(solver_options or {})
+        self._walks: dict[tuple, tuple] = {}  # set_timesteps arguments -> what _build_walk made of them
         self._core = None
         self._step_index: int | None = None
         self._begin_index = 0
@@ -321,15 +328,15 @@ class AccelScheduler(SchedulerMixin, ConfigMixin):
         if num_inference_steps is not None and (isinstance(num_inference_steps, bool) or
                                                 not isinstance(num_inference_steps, int) or num_inference_steps < 1):
             raise ValueError(f"num_inference_steps must be an integer >= 1, got {num_inference_steps!r}")
-        walk, native_timesteps = self._walk(num_inference_steps, sigmas, mu, timesteps)
-        self.solver_sigmas = check_sigmas(walk)
-        self._plan = plan_evaluations(self.solver_spec, self.solver_sigmas, self.model_schedule,
-                                      self._solver_options)
-        # Pipelines read sigmas[i] and timesteps[i] for their i-th model call (WanPipeline,
-        # CogView4, Cosmos); like diffusers' Heun schedulers, both list one entry per evaluation.
-        # An evaluation at a native level gets the native timestep; others the model's own map.
-        self._plan_timesteps = [native_timesteps[p.sigma] if p.sigma in native_timesteps else
-                                self._model_timestep(p.sigma) for p in self._plan]
+        key = (num_inference_steps, None if mu is None else float(mu), _values_key(sigmas), _values_key(timesteps))
+        known = self._walks.get(key)
+        if known is None:
+            known = self._build_walk(num_inference_steps, sigmas, mu, timesteps)
+            if len(self._walks) >= 32:  # a handful of (steps, image size) pairs in practice
+                self._walks.pop(next(iter(self._walks)))
+            self._walks[key] = known
+        self.solver_sigmas, self._plan, self._plan_timesteps, self._solver_options = known
+        self.solver_sigmas = self.solver_sigmas.clone()
         self.sigmas = torch.tensor([p.sigma for p in self._plan] + [float(self.solver_sigmas[-1])],
                                    dtype=torch.float32)
         self.timesteps = torch.tensor(self._plan_timesteps, dtype=torch.float32, device=device)
@@ -339,6 +346,23 @@ class AccelScheduler(SchedulerMixin, ConfigMixin):
             listener(self)
         self._publish()
 
+    def _build_walk(self, num_inference_steps: int | None, sigmas, mu, timesteps) -> tuple:
+        """(solver sigmas, evaluation plan, timestep of each evaluation, solver options) of a call.
+
+        set_timesteps keeps the result per call arguments (a pipeline calls it once per
+        generation with the same arguments), since rebuilding the native scheduler and dry-running
+        the solver cost more than a whole denoising step of a small model.
+        """
+        walk, native_timesteps = self._walk(num_inference_steps, sigmas, mu, timesteps)
+        solver_sigmas = check_sigmas(walk)
+        plan = plan_evaluations(self.solver_spec, solver_sigmas, self.model_schedule, self._solver_options)
+        # Pipelines read sigmas[i] and timesteps[i] for their i-th model call (WanPipeline,
+        # CogView4, Cosmos); like diffusers' Heun schedulers, both list one entry per evaluation.
+        # An evaluation at a native level gets the native timestep; others the model's own map.
+        plan_timesteps = [native_timesteps[p.sigma] if p.sigma in native_timesteps else
+                          self._model_timestep(p.sigma) for p in plan]
+        return solver_sigmas, plan, plan_timesteps, dict(self._solver_options)
+
     def _model_timestep(self, sigma: float) -> float:
         """The model's timestep of a level off the native walk (1000 t; 1000 (1 - t) where inverted)."""
         if self._inverted:
@@ -346,10 +370,12 @@ class AccelScheduler(SchedulerMixin, ConfigMixin):
         return model_timestep(self.model_schedule, sigma)
 
     def _publish(self) -> None:
+        """Publishes the context of the next evaluation (one StepContext per model call)."""
         request = self._plan[self._step_index]
-        context = evaluation_context(request, self.num_inference_steps, self.solver_spec.order,
-                                     self._generation, self.model_schedule)
-        set_current(dataclasses.replace(context, timestep=self._plan_timesteps[self._step_index]))
+        set_current(StepContext(step_index=request.step_index, num_steps=self.num_inference_steps,
+                                sigma=request.sigma, timestep=self._plan_timesteps[self._step_index],
+                                solver_order=self.solver_spec.order, generation=self._generation,
+                                stage=request.stage))
 
     def _start_core(self, x: torch.Tensor, generator: torch.Generator | None) -> None:
         """Starts the solver core at the current evaluation (the begin index), on the rest of the walk."""
@@ -380,15 +406,19 @@ class AccelScheduler(SchedulerMixin, ConfigMixin):
             raise ValueError("call set_timesteps(...) before step()")
         if self._step_index >= len(self._plan):
             raise ValueError(f"all {len(self._plan)} timesteps are done; call set_timesteps(...) again")
-        x = sample.to(torch.float32)
+        x = sample if sample.dtype == torch.float32 else sample.to(torch.float32)
         if self._core is None:
             self._start_core(x, generator)
-        sigma = torch.full((x.shape[0],), self._plan[self._step_index].sigma, dtype=torch.float32,
-                           device=x.device)
-        output = model_output.to(torch.float32)
+        output = model_output if model_output.dtype == torch.float32 else model_output.to(torch.float32)
         if self._inverted:
             output = -output  # an inverted-time flow model (Mochi) predicts x0 - eps
-        x0 = prediction_to_x0(output, x, sigma, self.prediction, self.model_schedule)
+        level = self._plan[self._step_index].sigma
+        if self.prediction == "flow":
+            # velocity_to_x0 with the level as a scalar: the same float32 products, no (B,) tensor
+            x0 = x - level * output
+        else:
+            sigma = torch.full((x.shape[0],), level, dtype=torch.float32, device=x.device)
+            x0 = prediction_to_x0(output, x, sigma, self.prediction, self.model_schedule)
         request, result = advance(self._core, x0)
         self._step_index += 1
         if request is None:
@@ -397,5 +427,5 @@ class AccelScheduler(SchedulerMixin, ConfigMixin):
         else:
             self._publish()
             prev = request.x
-        prev = prev.to(sample.dtype)
+        prev = prev if prev.dtype == sample.dtype else prev.to(sample.dtype)
         return SchedulerOutput(prev_sample=prev) if return_dict else (prev,)

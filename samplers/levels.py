@@ -57,8 +57,26 @@ def level(schedule, sigma: float) -> Level:
 
 
 def levels(schedule, sigmas: torch.Tensor) -> list[Level]:
-    """Levels of a whole schedule (N + 1,)."""
-    return [level(schedule, value) for value in sigmas.cpu().tolist()]
+    """Levels of a whole schedule (N + 1,).
+
+    Every solver core starts with this, once per generation; the levels of a flow schedule (the
+    common case) are kept per walk, since the per-level tensor work costs about a tenth of a
+    millisecond per step of a small model.
+    """
+    values = sigmas.cpu().tolist()
+    if type(schedule).__name__ != "FlowSchedule":  # VP schedules hold a tensor: not a cheap key
+        return [level(schedule, value) for value in values]
+    key = (schedule, tuple(values))
+    known = _FLOW_LEVELS.get(key)
+    if known is None:
+        known = tuple(level(schedule, value) for value in values)
+        if len(_FLOW_LEVELS) >= 64:
+            _FLOW_LEVELS.pop(next(iter(_FLOW_LEVELS)))
+        _FLOW_LEVELS[key] = known
+    return list(known)
+
+
+_FLOW_LEVELS: dict[tuple, tuple[Level, ...]] = {}
 
 
 def level_at_lambda(schedule, lam: float) -> Level:

@@ -70,12 +70,42 @@ def new_generation() -> int:
 
 
 def current_step() -> StepContext | None:
-    """The context of the evaluation in progress, with the active guidance branch, or None."""
+    """The context of the evaluation in progress, with the active guidance branch, or None.
+
+    Called on every model call, so it allocates nothing in the steady state: the context with
+    another branch is built once per (published context, branch) and reused (a frozen dataclass
+    is a pure function of both, so sharing it between threads is safe).
+    """
     context = _CURRENT.get()
     branch = _BRANCH.get()
-    if context is not None and branch is not None and branch != context.branch:
-        context = dataclasses.replace(context, branch=branch)
-    return context
+    if context is None or branch is None or branch == context.branch:
+        return context
+    memo = _WITH_BRANCH.get(branch)
+    if memo is not None and memo[0] is context:
+        return memo[1]
+    relabelled = dataclasses.replace(context, branch=branch)
+    _WITH_BRANCH[branch] = (context, relabelled)
+    return relabelled
+
+
+# branch -> (published context, that context relabelled with the branch): one entry per branch.
+_WITH_BRANCH: dict[str, tuple[StepContext, StepContext]] = {}
+
+
+def set_branch(branch: str | None) -> contextvars.Token:
+    """Marks the following model calls as evaluating `branch` until `reset_branch(token)`.
+
+    The blockless form of `guidance_branch`, for hooks that must not open a context manager
+    around the model call (the call may be traced by torch.compile).
+    """
+    if branch is not None and branch not in BRANCHES:
+        raise ValueError(f"unknown guidance branch {branch!r}; expected one of {BRANCHES}")
+    return _BRANCH.set(branch)
+
+
+def reset_branch(token: contextvars.Token) -> None:
+    """Restores the branch that was active before `set_branch` returned `token`."""
+    _BRANCH.reset(token)
 
 
 @contextlib.contextmanager
@@ -106,4 +136,4 @@ def set_current(context: StepContext | None) -> contextvars.Token:
 
 
 __all__ = ["StepContext", "BRANCHES", "current_step", "publish_step", "guidance_branch",
-           "new_generation", "set_current"]
+           "new_generation", "set_current", "set_branch", "reset_branch"]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 from pathlib import Path
 
-SUITES = ("samplers", "caches", "distill")
+SUITES = ("samplers", "caches", "distill", "overhead")
 
 
 def run_suite(name: str, quick: bool, json_path: Path | None, out_dir: Path) -> list[dict]:

@@ -42,3 +42,30 @@ class ForecastSlot:
 
     def predict(self, coordinate: float) -> Any:
         return unpack(self.forecaster.predict(coordinate), self.is_tuple)
+
+
+class ReuseSlot:
+    """Per-branch cached output of one unit under plain reuse: the output object itself.
+
+    The reuse counterpart of `ForecastSlot` with nothing between the hook and the stored value
+    (one is read or written per unit per call), so torch.compile traces it as an attribute.
+    """
+
+    __slots__ = ("output",)
+
+    def __init__(self) -> None:
+        self.output: Any = None
+
+    def tensors(self):
+        values = self.output if isinstance(self.output, (tuple, list)) else (self.output,)
+        return (value for value in values if isinstance(value, torch.Tensor))
+
+    @property
+    def ready(self) -> bool:
+        return self.output is not None
+
+    def record(self, coordinate: float, output: Any) -> None:
+        self.output = tuple(output) if isinstance(output, list) else output
+
+    def predict(self, coordinate: float) -> Any:
+        return self.output

@@ -16,7 +16,7 @@ kinds follow the trigger's decision.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from diffusers.hooks import ModelHook
@@ -24,7 +24,7 @@ from diffusers.hooks import ModelHook
 from ..config import ScopeConfig
 from ..hooks import InstalledHook, install_hook
 from ..layouts import ModelLayout, registration_call, submodule, transformer_blocks
-from ._common import ForecastSlot
+from ._common import ForecastSlot, ReuseSlot
 
 if TYPE_CHECKING:
     from ..runtime import CacheRuntime, CallFrame
@@ -56,26 +56,64 @@ class AttentionScope(ScopeConfig):
 
 
 class AttentionCacheHook(ModelHook):
-    """On one attention / MLP module: forecast its output when its kind is not recomputed."""
+    """On one attention / MLP module: forecast its output when its kind is not recomputed.
+
+    With plain reuse the whole hook is traced by torch.compile (its slot exists from the start of
+    each branch state, and the decision is the frame's per-kind flag); a forecasting update looks
+    up, forecasts and records eagerly.
+    """
 
     def __init__(self, runtime: "CacheRuntime", unit: str, kind: str) -> None:
         super().__init__()
         self.runtime, self.unit, self.kind = runtime, unit, kind
+        self.is_reuse = runtime.config.update.name == "reuse"
 
     def new_forward(self, module: torch.nn.Module, *args, **kwargs):
         frame, original = self.runtime.frame, self.fn_ref.original_forward
-        if frame is None or frame.is_passthrough:
+        if frame is None or frame.context is None:
             return original(*args, **kwargs)
+        if not self.is_reuse:
+            return self._forecasting_forward(frame, original, args, kwargs)
         unit = frame.occurrence_key(self.unit)
-        slot = self.runtime.slot(frame, unit, lambda: ForecastSlot(self.runtime.config.update.new_forecaster()))
-        is_cached_now = not frame.kind_compute.get(self.kind, True) and slot.ready
-        if is_cached_now:
-            frame.skipped.append((unit, 1.0))
-            return slot.predict(frame.coordinate)
+        slot = frame.state.slots.get(unit)
+        if slot is None:
+            slot = self.runtime.slot(frame, unit, self._new_slot)
+        if not frame.kind_compute.get(self.kind, True) and slot.output is not None:  # decision first: a
+            frame.skipped.append((unit, 1.0))  # computed call never reads the slot (no guard on it)
+            return slot.output
+        output = (self.runtime.run_unit(frame, unit, original, *args, **kwargs) if frame.measure_flops
+                  else original(*args, **kwargs))
+        if frame.record:
+            slot.output = output
+        return output
+
+    def _forecasting_forward(self, frame: "CallFrame", original: Any, args: tuple, kwargs: dict) -> Any:
+        """A forecasting update (Taylor, FoCa): looks up, forecasts and records eagerly (under
+        torch.compile), the module itself is traced."""
+        unit, forecast = self._forecast(frame)
+        if forecast is not None:
+            return forecast
         output = self.runtime.run_unit(frame, unit, original, *args, **kwargs)
         if frame.record:
-            slot.record(frame.coordinate, output)
+            self._record(frame, unit, output)
         return output
+
+    @torch.compiler.disable
+    def _forecast(self, frame: "CallFrame") -> tuple[str, Any]:
+        """(the unit's slot name in this call, its forecast output if it is cached now, else None)."""
+        unit = frame.occurrence_key(self.unit)
+        slot = self.runtime.slot(frame, unit, self._new_slot)
+        if not slot.ready or frame.kind_compute.get(self.kind, True):
+            return unit, None
+        frame.skipped.append((unit, 1.0))
+        return unit, slot.predict(frame.coordinate)
+
+    @torch.compiler.disable
+    def _record(self, frame: "CallFrame", unit: str, output: Any) -> None:
+        frame.state.slots[unit].record(frame.coordinate, output)
+
+    def _new_slot(self) -> ForecastSlot | ReuseSlot:
+        return ReuseSlot() if self.is_reuse else ForecastSlot(self.runtime.config.update.new_forecaster())
 
 
 def _kind_planner(scope: AttentionScope):
@@ -111,6 +149,7 @@ def apply_attention_scope(runtime: "CacheRuntime", model: torch.nn.Module, layou
                 if isinstance(module, torch.nn.Module):
                     hook = AttentionCacheHook(runtime, f"{ref.name}.{attr}", kind)
                     installed.append(install_hook(module, hook, "attention"))
+                    runtime.slot_factories[hook.unit] = hook._new_slot
     if not installed:
         call = registration_call(blocks[0].module, blocks[0].layout,
                                  attention="{'self': ('<attention submodule>', ...), 'mlp': (...)}")

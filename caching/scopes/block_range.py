@@ -22,7 +22,7 @@ from diffusers.hooks import ModelHook
 
 from ..config import ScopeConfig
 from ..hooks import InstalledHook, install_hook
-from ..layouts import (BlockLayout, ModelLayout, bind_arguments, compose_output, range_segments, read_streams,
+from ..layouts import (BlockLayout, ModelLayout, StreamReader, bind_arguments, compose_output, range_segments,
                        registration_call, split_output, transformer_blocks)
 
 if TYPE_CHECKING:
@@ -82,66 +82,87 @@ class RangeSlot:
 class HeadProbeHook(ModelHook):
     """On the first block when head blocks exist: stashes its input (and probe) for the decision."""
 
-    def __init__(self, runtime: "CacheRuntime", layout: BlockLayout, needs_probe: bool) -> None:
+    def __init__(self, runtime: "CacheRuntime", layout: BlockLayout, needs_probe: bool,
+                 streams: StreamReader) -> None:
         super().__init__()
-        self.runtime, self.layout, self.needs_probe = runtime, layout, needs_probe
+        self.runtime, self.layout, self.needs_probe, self.streams = runtime, layout, needs_probe, streams
+        self.entry: BlockRangeHook | None = None  # the range's entry hook, which reads the stash
 
     def new_forward(self, module: torch.nn.Module, *args, **kwargs):
         frame = self.runtime.frame
-        if frame is not None and not frame.is_passthrough and frame.should_compute is None:
-            bound = bind_arguments(module, args, kwargs)
-            frame.scratch["head_input"] = read_streams(self.layout, bound)[0]
+        if frame is not None and frame.context is not None and frame.should_compute is None:
+            self.entry.head_input = self.streams.read(args, kwargs)[0]
             if self.needs_probe:
-                frame.scratch["probe"] = self.runtime.run_overhead(frame, self.layout.probe, module, bound)
+                self._probe(frame, module, args, kwargs)
         return self.fn_ref.original_forward(*args, **kwargs)
+
+    @torch.compiler.disable
+    def _probe(self, frame: "CallFrame", module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
+        frame.scratch["probe"] = self.runtime.run_overhead(frame, self.layout.probe, module,
+                                                           bind_arguments(module, args, kwargs))
 
 
 class BlockRangeHook(ModelHook):
-    """On each block of the cached range; the first decides, the last records or forecasts."""
+    """On each block of the cached range; the first decides, the last records or forecasts.
+
+    Under torch.compile everything but a feature-watching decision is traced when the update is
+    plain reuse: the hooks keep no per-call state but the frame's decision and the range input,
+    which the entry hands to its exit through an attribute (so the compiled model is one graph
+    per computed / cached path). A forecasting update (Taylor, FoCa) records and forecasts eagerly.
+    """
 
     def __init__(self, runtime: "CacheRuntime", unit: str, layout: BlockLayout, *, is_entry: bool,
-                 is_exit: bool, decision: str | None, probe_here: bool, segment: int = 0,
-                 is_last_segment: bool = True) -> None:
+                 is_exit: bool, decision: str | None, probe_here: bool, streams: StreamReader,
+                 is_last_segment: bool = True, segment_units: tuple[str, ...] = ()) -> None:
         super().__init__()
-        self.runtime, self.unit, self.layout = runtime, unit, layout
+        self.runtime, self.unit, self.layout, self.streams = runtime, unit, layout, streams
         self.is_entry, self.is_exit = is_entry, is_exit
         self.decision, self.probe_here = decision, probe_here
-        self.input_key, self.is_last_segment = f"range_input.{segment}", is_last_segment
+        self.is_last_segment = is_last_segment
+        self.skipped = tuple((name, 1.0) for name in segment_units)  # the segment's units, for the exit
+        self.is_reuse = runtime.config.update.name == "reuse"
+        self.exit: BlockRangeHook = self  # the segment's exit hook (set by apply_block_range)
+        self.range_input: tuple | None = None  # exit: the segment's input in the call in progress
+        self.head_input: torch.Tensor | None = None  # entry: the head blocks' input (head residual)
 
     def new_forward(self, module: torch.nn.Module, *args, **kwargs):
         frame, original = self.runtime.frame, self.fn_ref.original_forward
-        if frame is None or frame.is_passthrough:
+        if frame is None or frame.context is None:
             return original(*args, **kwargs)
-        bound = bind_arguments(module, args, kwargs)
-        hidden, encoder = read_streams(self.layout, bound)
         if self.is_entry:
-            self._enter(frame, module, bound, hidden, encoder)
-        if frame.compute_now:
-            output = self.runtime.run_unit(frame, self.unit, original, *args, **kwargs)
+            if self.decision is not None and frame.should_compute is None:
+                self._decide(frame, module, args, kwargs)
+            if frame.should_compute is not False:
+                self.exit.range_input = self.streams.read(args, kwargs)
+        if frame.should_compute is not False:
+            output = (self.runtime.run_unit(frame, self.unit, original, *args, **kwargs) if frame.measure_flops
+                      else original(*args, **kwargs))
             if self.is_exit:
-                self._record(frame, output)
+                if self.is_reuse:
+                    self._record(frame, output)
+                else:
+                    self._record_untraced(frame, output)
             return output
-        frame.skipped.append((self.unit, 1.0))
         if self.is_exit:
-            return self._forecast(frame, hidden, encoder)
+            return self._forecast(frame, args, kwargs) if self.is_reuse else self._forecast_untraced(frame, args, kwargs)
+        hidden, encoder = self.streams.read(args, kwargs)
         return compose_output(self.layout, hidden, encoder)
 
-    def _enter(self, frame: "CallFrame", module, bound, hidden, encoder) -> None:
-        frame.scratch[self.input_key] = (hidden, encoder)
-        is_decided = frame.should_compute is not None  # a later stage follows its step's decision
-        if is_decided or self.decision is None:
-            return
+    @torch.compiler.disable
+    def _decide(self, frame: "CallFrame", module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
         if self.decision == "probe":
-            probe = (self.runtime.run_overhead(frame, self.layout.probe, module, bound)
+            probe = (self.runtime.run_overhead(frame, self.layout.probe, module, bind_arguments(module, args, kwargs))
                      if self.probe_here else frame.scratch.get("probe"))
             self.runtime.decide(frame, probe)
         elif self.decision == "head_residual":
-            self.runtime.decide(frame, hidden - frame.scratch["head_input"])
+            head_input, self.head_input = self.head_input, None
+            self.runtime.decide(frame, self.streams.read(args, kwargs)[0] - head_input)
 
     def _record(self, frame: "CallFrame", output: Any) -> None:
         hidden_out, encoder_out = split_output(self.layout, output)
-        hidden_in, encoder_in = frame.scratch[self.input_key]
-        slot = self.runtime.slot(frame, self.unit, lambda: RangeSlot(self.runtime.config.update.new_forecaster()))
+        hidden_in, encoder_in = self.range_input
+        self.range_input = None
+        slot: RangeSlot = frame.state.slots[self.unit]
         slot.encoder_absent = self.layout.encoder_out is not None and encoder_out is None
         if not frame.record:
             return
@@ -153,7 +174,9 @@ class BlockRangeHook(ModelHook):
         if self.is_last_segment:
             self.runtime.note_quantity(frame, hidden_residual)
 
-    def _forecast(self, frame: "CallFrame", hidden: torch.Tensor, encoder: torch.Tensor | None):
+    def _forecast(self, frame: "CallFrame", args: tuple, kwargs: dict):
+        frame.skipped.extend(self.skipped)
+        hidden, encoder = self.streams.read(args, kwargs)
         slot: RangeSlot = frame.state.slots[self.unit]
         hidden_residual, encoder_residual = slot.forecaster.predict(frame.coordinate)
         hidden_out = hidden + hidden_residual
@@ -164,6 +187,9 @@ class BlockRangeHook(ModelHook):
         else:
             encoder_out = encoder
         return compose_output(self.layout, hidden_out, encoder_out)
+
+    _record_untraced = torch.compiler.disable(_record)
+    _forecast_untraced = torch.compiler.disable(_forecast)
 
 
 def apply_block_range(runtime: "CacheRuntime", model: torch.nn.Module, layout: ModelLayout,
@@ -190,17 +216,30 @@ def apply_block_range(runtime: "CacheRuntime", model: torch.nn.Module, layout: M
                          f"{type(model).__name__} changes the image stream's shape; the head residual cannot be "
                          "compared across it, lower first")
     middle = blocks[scope.first:len(blocks) - scope.last]
-    installed = []
-    if scope.first > 0 and decision is not None:
-        hook = HeadProbeHook(runtime, blocks[0].layout, needs_probe=decision == "probe")
-        installed.append(install_hook(blocks[0].module, hook, "head"))
+    update = runtime.config.update
+    hooks: list[BlockRangeHook] = []
     last_segment = segment_of[middle[-1].name]
     for index, ref in enumerate(middle):
         segment = segment_of[ref.name]
         is_entry = index == 0 or segment_of[middle[index - 1].name] != segment
         is_exit = index == len(middle) - 1 or segment_of[middle[index + 1].name] != segment
-        hook = BlockRangeHook(runtime, ref.name, ref.layout, is_entry=is_entry, is_exit=is_exit,
-                              decision=decision if index == 0 else None, probe_here=scope.first == 0,
-                              segment=segment, is_last_segment=segment == last_segment)
+        units = tuple(other.name for other in middle if segment_of[other.name] == segment) if is_exit else ()
+        hooks.append(BlockRangeHook(runtime, ref.name, ref.layout, is_entry=is_entry, is_exit=is_exit,
+                                    decision=decision if index == 0 else None, probe_here=scope.first == 0,
+                                    streams=StreamReader(ref.module, ref.layout),
+                                    is_last_segment=segment == last_segment, segment_units=units))
+        if is_exit:
+            runtime.slot_factories[ref.name] = lambda: RangeSlot(update.new_forecaster())
+    segment_exit = hooks[-1]
+    for hook in reversed(hooks):  # each entry hands its input to its segment's exit
+        segment_exit = hook if hook.is_exit else segment_exit
+        hook.exit = segment_exit
+    installed = []
+    if scope.first > 0 and decision is not None:
+        head = HeadProbeHook(runtime, blocks[0].layout, needs_probe=decision == "probe",
+                             streams=StreamReader(blocks[0].module, blocks[0].layout))
+        head.entry = hooks[0]
+        installed.append(install_hook(blocks[0].module, head, "head"))
+    for ref, hook in zip(middle, hooks):
         installed.append(install_hook(ref.module, hook, "range"))
     return installed

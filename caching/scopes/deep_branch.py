@@ -19,7 +19,7 @@ from diffusers.hooks import ModelHook
 
 from ..config import ScopeConfig
 from ..hooks import InstalledHook, install_hook
-from ..layouts import ModelLayout, bind_arguments
+from ..layouts import BlockLayout, ModelLayout, StreamReader
 from ._common import ForecastSlot, pack
 from ..updates import ReuseForecaster
 
@@ -48,9 +48,10 @@ class DeepBranchHook(ModelHook):
     """On a skipped UNet block. Roles: "deep" (forecast the deep feature), "filler" (return the
     cached output so skip connections line up), "identity" (the mid block: pass the input through)."""
 
-    def __init__(self, runtime: "CacheRuntime", unit: str, role: str) -> None:
+    def __init__(self, runtime: "CacheRuntime", unit: str, role: str, streams: StreamReader | None = None) -> None:
         super().__init__()
-        self.runtime, self.unit, self.role = runtime, unit, role
+        self.runtime, self.unit, self.role, self.streams = runtime, unit, role, streams
+        self.is_reuse = runtime.config.update.name == "reuse"
 
     def _new_slot(self) -> ForecastSlot:
         forecaster = self.runtime.config.update.new_forecaster() if self.role == "deep" else ReuseForecaster()
@@ -58,21 +59,28 @@ class DeepBranchHook(ModelHook):
 
     def new_forward(self, module: torch.nn.Module, *args, **kwargs):
         frame, original = self.runtime.frame, self.fn_ref.original_forward
-        if frame is None or frame.is_passthrough:
+        if frame is None or frame.context is None:
             return original(*args, **kwargs)
-        slot = self.runtime.slot(frame, self.unit, self._new_slot)
-        is_cached_now = not frame.compute_now and (slot.ready or self.role == "identity")
-        if is_cached_now:
+        slot = frame.state.slots[self.unit]
+        if frame.should_compute is False and (self.role == "identity" or slot.ready):
             frame.skipped.append((self.unit, 1.0))
             if self.role == "identity":
-                return bind_arguments(module, args, kwargs)["hidden_states"]
+                return self.streams.read(args, kwargs)[0]
             if self.role == "filler":
                 return slot.forecaster.last[0]
-            return slot.predict(frame.coordinate)
-        output = self.runtime.run_unit(frame, self.unit, original, *args, **kwargs)
+            return slot.predict(frame.coordinate) if self.is_reuse else self._predict(frame, slot)
+        output = (self.runtime.run_unit(frame, self.unit, original, *args, **kwargs) if frame.measure_flops
+                  else original(*args, **kwargs))
         if frame.record:
-            self._record(frame, slot, output)
+            if self.role == "deep" and not self.is_reuse:
+                self._record_untraced(frame, slot, output)
+            else:
+                self._record(frame, slot, output)
         return output
+
+    @torch.compiler.disable
+    def _predict(self, frame, slot: ForecastSlot) -> Any:
+        return slot.predict(frame.coordinate)
 
     def _record(self, frame, slot: ForecastSlot, output: Any) -> None:
         if self.role == "filler":
@@ -80,6 +88,8 @@ class DeepBranchHook(ModelHook):
         elif self.role == "deep":
             slot.record(frame.coordinate, output)
             self.runtime.note_quantity(frame, pack(output)[0][0])
+
+    _record_untraced = torch.compiler.disable(_record)
 
 
 def apply_deep_branch(runtime: "CacheRuntime", model: torch.nn.Module, layout: ModelLayout,
@@ -96,10 +106,14 @@ def apply_deep_branch(runtime: "CacheRuntime", model: torch.nn.Module, layout: M
         hook = DeepBranchHook(runtime, f"{layout.down}.{index}", "filler")
         installed.append(install_hook(down[index], hook, "deep_branch"))
     if mid is not None:
-        hook = DeepBranchHook(runtime, layout.mid, "deep" if skipped_up == 0 else "identity")
+        hook = DeepBranchHook(runtime, layout.mid, "deep" if skipped_up == 0 else "identity",
+                              streams=StreamReader(mid, BlockLayout()))
         installed.append(install_hook(mid, hook, "deep_branch"))
     for index in range(skipped_up):
         role = "deep" if index == skipped_up - 1 else "filler"
         hook = DeepBranchHook(runtime, f"{layout.up}.{index}", role)
         installed.append(install_hook(up[index], hook, "deep_branch"))
+    for item in installed:
+        hook = item.module._diffusers_hook.get_hook(item.name)
+        runtime.slot_factories[hook.unit] = hook._new_slot
     return installed

@@ -14,15 +14,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from diffusers.hooks import ModelHook
 
 from ..config import ScopeConfig, check_range
 from ..hooks import InstalledHook, install_hook
-from ..layouts import (BlockLayout, ModelLayout, bind_arguments, compose_output, read_streams,
-                       split_output, transformer_blocks)
+from ..layouts import BlockLayout, ModelLayout, StreamReader, compose_output, split_output, transformer_blocks
 from ._common import ForecastSlot
 
 if TYPE_CHECKING:
@@ -54,39 +53,67 @@ class SingleBlocksScope(ScopeConfig):
 
 
 class SingleBlockHook(ModelHook):
-    """On a selectable block: returns input + forecast deviation when cached, else runs and records."""
+    """On a selectable block: returns input + forecast deviation when cached, else runs and records.
+
+    Traced by torch.compile with plain reuse: the phase (early / late) is planned per call into
+    the frame, the slot exists from the start of each branch state; a forecasting update forecasts
+    and records eagerly.
+    """
 
     def __init__(self, runtime: "CacheRuntime", unit: str, layout: BlockLayout, *, early: bool,
-                 late: bool, boundary: float) -> None:
+                 late: bool, streams: StreamReader) -> None:
         super().__init__()
-        self.runtime, self.unit, self.layout = runtime, unit, layout
-        self.early, self.late, self.boundary = early, late, boundary
-
-    def _is_selected(self, frame: "CallFrame") -> bool:
-        is_early_phase = frame.context.progress < self.boundary
-        return self.early if is_early_phase else self.late
+        self.runtime, self.unit, self.layout, self.streams = runtime, unit, layout, streams
+        self.early, self.late = early, late
+        self.is_reuse = runtime.config.update.name == "reuse"
 
     def new_forward(self, module: torch.nn.Module, *args, **kwargs):
         frame, original = self.runtime.frame, self.fn_ref.original_forward
-        if frame is None or frame.is_passthrough:
+        if frame is None or frame.context is None:
             return original(*args, **kwargs)
-        hidden, encoder = read_streams(self.layout, bind_arguments(module, args, kwargs))
-        slot = self.runtime.slot(frame, self.unit,
-                                 lambda: ForecastSlot(self.runtime.config.update.new_forecaster()))
-        is_cached_now = not frame.compute_now and slot.ready and self._is_selected(frame)
-        if is_cached_now:
+        hidden, encoder = self.streams.read(args, kwargs)
+        slot: ForecastSlot = frame.state.slots[self.unit]
+        is_selected = self.early if frame.scratch[_EARLY_PHASE] else self.late
+        if frame.should_compute is False and slot.ready and is_selected:
             frame.skipped.append((self.unit, 1.0))
-            hidden_delta, encoder_delta = slot.forecaster.predict(frame.coordinate)
-            encoder_out = encoder + encoder_delta if encoder_delta is not None and encoder is not None else encoder
-            return compose_output(self.layout, hidden + hidden_delta, encoder_out)
-        output = self.runtime.run_unit(frame, self.unit, original, *args, **kwargs)
+            if self.is_reuse:
+                return self._forecast(frame, slot, hidden, encoder)
+            return self._forecast_untraced(frame, slot, hidden, encoder)
+        output = (self.runtime.run_unit(frame, self.unit, original, *args, **kwargs) if frame.measure_flops
+                  else original(*args, **kwargs))
         if frame.record:
-            hidden_out, encoder_out = split_output(self.layout, output)
-            encoder_delta = None
-            if encoder_out is not None and encoder is not None and encoder_out.shape == encoder.shape:
-                encoder_delta = encoder_out - encoder
-            slot.forecaster.record(frame.coordinate, (hidden_out - hidden, encoder_delta))
+            if self.is_reuse:
+                self._record(frame, slot, hidden, encoder, output)
+            else:
+                self._record_untraced(frame, slot, hidden, encoder, output)
         return output
+
+    def _forecast(self, frame: "CallFrame", slot: ForecastSlot, hidden: torch.Tensor, encoder: torch.Tensor | None):
+        hidden_delta, encoder_delta = slot.forecaster.predict(frame.coordinate)
+        encoder_out = encoder + encoder_delta if encoder_delta is not None and encoder is not None else encoder
+        return compose_output(self.layout, hidden + hidden_delta, encoder_out)
+
+    def _record(self, frame: "CallFrame", slot: ForecastSlot, hidden: torch.Tensor, encoder: torch.Tensor | None,
+                output: Any) -> None:
+        hidden_out, encoder_out = split_output(self.layout, output)
+        encoder_delta = None
+        if encoder_out is not None and encoder is not None and encoder_out.shape == encoder.shape:
+            encoder_delta = encoder_out - encoder
+        slot.forecaster.record(frame.coordinate, (hidden_out - hidden, encoder_delta))
+
+    _forecast_untraced = torch.compiler.disable(_forecast)
+    _record_untraced = torch.compiler.disable(_record)
+
+
+_EARLY_PHASE = "single_blocks.early_phase"
+
+
+def _phase_planner(boundary: float):
+    """Puts in the frame whether the call is in the early phase (progress < boundary)."""
+
+    def plan(frame: "CallFrame") -> None:
+        frame.scratch[_EARLY_PHASE] = frame.context.progress < boundary
+    return plan
 
 
 def apply_single_blocks(runtime: "CacheRuntime", model: torch.nn.Module, layout: ModelLayout,
@@ -107,6 +134,8 @@ def apply_single_blocks(runtime: "CacheRuntime", model: torch.nn.Module, layout:
     for index, ref in enumerate(blocks):
         if index in early or index in late:
             hook = SingleBlockHook(runtime, ref.name, ref.layout, early=index in early, late=index in late,
-                                   boundary=scope.boundary)
+                                   streams=StreamReader(ref.module, ref.layout))
             installed.append(install_hook(ref.module, hook, "single_block"))
+            runtime.slot_factories[ref.name] = lambda: ForecastSlot(runtime.config.update.new_forecaster())
+    runtime.planners.append(_phase_planner(scope.boundary))
     return installed

@@ -82,19 +82,31 @@ class TokenCacheHook(ModelHook):
             return original(*args, **kwargs)
         x = args[0] if args else next(v for v in kwargs.values() if isinstance(v, torch.Tensor))
         unit = frame.occurrence_key(self.unit)
-        slot = self.runtime.slot(frame, unit, lambda: TokenSlot(self.runtime.config.update.new_forecaster()))
-        is_partial = (not frame.compute_now and slot.cache is not None and x.ndim == 3
+        slot = self.runtime.slot(frame, unit, self._new_slot)
+        is_partial = (frame.should_compute is False and slot.cache is not None and x.ndim == 3
                       and slot.reference.shape == x.shape)
         if is_partial:
             return self._partial(frame, unit, slot, x, args, kwargs)
-        output = self.runtime.run_unit(frame, unit, original, *args, **kwargs)
+        output = (self.runtime.run_unit(frame, unit, original, *args, **kwargs) if frame.measure_flops
+                  else original(*args, **kwargs))
         frame.tokens.append((x.shape[-2], x.shape[-2]) if x.ndim == 3 else (1, 1))
         if frame.record and x.ndim == 3:
             slot.cache, slot.reference = output, x
             slot.age = torch.zeros(x.shape[:2], device=x.device, dtype=torch.float32)
             if not self.is_reuse:
-                slot.forecaster.record(frame.coordinate, (output,))
+                self._record_forecast(frame, slot, output)
         return output
+
+    @torch.compiler.disable
+    def _record_forecast(self, frame: "CallFrame", slot: TokenSlot, output: torch.Tensor) -> None:
+        slot.forecaster.record(frame.coordinate, (output,))
+
+    @torch.compiler.disable
+    def _predict(self, frame: "CallFrame", slot: TokenSlot) -> torch.Tensor:
+        return slot.forecaster.predict(frame.coordinate)[0]
+
+    def _new_slot(self) -> TokenSlot:
+        return TokenSlot(self.runtime.config.update.new_forecaster())
 
     def _partial(self, frame: "CallFrame", unit: str, slot: TokenSlot, x: torch.Tensor, args: tuple, kwargs: dict):
         batch, tokens, _ = x.shape
@@ -109,7 +121,7 @@ class TokenCacheHook(ModelHook):
             name = next(k for k, v in kwargs.items() if v is x)
             fresh = self.fn_ref.original_forward(**{**kwargs, name: chosen})
         out_index = index.unsqueeze(-1).expand(-1, -1, fresh.shape[-1])
-        base = slot.cache if self.is_reuse else slot.forecaster.predict(frame.coordinate)[0]
+        base = slot.cache if self.is_reuse else self._predict(frame, slot)
         output = base.scatter(1, out_index, fresh.to(base.dtype))
         if frame.record:
             slot.cache = slot.cache.scatter(1, out_index, fresh.to(slot.cache.dtype))
@@ -131,6 +143,7 @@ def apply_token_scope(runtime: "CacheRuntime", model: torch.nn.Module, layout: M
             if isinstance(module, torch.nn.Module):
                 hook = TokenCacheHook(runtime, f"{ref.name}.{attr}", scope)
                 installed.append(install_hook(module, hook, "tokens"))
+                runtime.slot_factories[hook.unit] = hook._new_slot
     if not installed:
         call = registration_call(blocks[0].module, blocks[0].layout, token_modules="('<token-wise submodule>', ...)")
         raise ValueError(f"tokens scope: the block layouts of {type(model).__name__} name no token-wise "

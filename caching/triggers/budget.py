@@ -61,7 +61,7 @@ class BudgetTrigger(TriggerConfig):
         if previous is None or previous.shape != residual.shape:
             state.pending = (residual, None)
             return True
-        drift = relative_l1(residual, previous)
+        drift = relative_l1(residual, previous, frame.group)
         accumulated = drift if state.accumulated is None else state.accumulated + drift
         state.pending = (residual, drift, accumulated)
         is_within = accumulated < self.threshold

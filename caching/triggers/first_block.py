@@ -56,7 +56,7 @@ class ResidualTrigger(TriggerConfig):
         reference = state.reference
         if reference is None or reference.shape != residual.shape:
             return True
-        is_below_threshold = relative_l1(residual, reference) < self.threshold
+        is_below_threshold = relative_l1(residual, reference, frame.group) < self.threshold
         # One host sync per model call: whether the middle blocks run is a Python branch.
         return not bool(is_below_threshold)
 

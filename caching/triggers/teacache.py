@@ -82,7 +82,7 @@ class TeaCacheTrigger(TriggerConfig):
         if previous is None or previous.shape != probe.shape:
             state.pending_accumulated = None
             return True
-        accumulated = self.rescale(relative_l1(probe, previous))
+        accumulated = self.rescale(relative_l1(probe, previous, frame.group))
         if state.accumulated is not None:
             accumulated = accumulated + state.accumulated
         state.pending_accumulated = accumulated

@@ -1,0 +1,328 @@
+"""`accel bench overhead [--quick] [--json PATH] [--out DIR]`: what accel adds on the user's path.
+
+One FluxPipeline per variant (the same random weights, `_overhead_pipelines`), timed eagerly in
+interleaved rounds so that load drift hits every variant alike, then compiled
+(`pipe.transformer.compile()` after `accel.apply`, the user's order):
+
+* `bare`: the pipeline as diffusers ships it (FlowMatchEulerDiscreteScheduler);
+* `none`: `accel.apply` with Euler on the pipeline's own walk and no cache (scheduler + branch hook);
+* `fora-1`, `fbcache-0`: caches that compute every step (FORA's attention scope at interval 1:
+  a hook on every attention and MLP layer; FBCache at threshold 0: a feature-watching trigger with
+  its one host sync per step);
+* `reuse-3`: the whole transformer residual computed every 3rd step and reused in between;
+* `taylor-3` (full run): the same with TaylorSeer's order-1 forecast;
+* with `--cache-dit` (GPU command): `fbcache-0.08` and cache-dit's DBCache F1B0 at the same threshold.
+
+Each record: the median seconds per generation, the per-step overhead over `bare` in ms and % (and
+in the process's CPU time, less disturbed by other work on a shared CPU),
+FLOPs of one generation (torch-counted, eager) and the ratios `flop_ratio` = bare FLOPs / FLOPs and
+`wall_ratio` = bare seconds / seconds (same mode), `efficiency` = wall_ratio / flop_ratio, and for
+compiled runs the graphs dynamo compiled during warm-up and afterwards (`steady_graphs`, 0 when
+compiled code is reused). Compiled variants run one after the other, each compiled alone (see
+`_compiled_times`). Outputs under `out_dir`: overhead.json, overhead.md.
+
+GPU (FLUX width, bf16): `python -m accel.bench.overhead --device cuda --model flux-width
+--dtype bfloat16 --height 1024 --width 1024 --steps 28 --cache-dit --out runs/bench-overhead-gpu`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from accel import io
+from accel.bench._overhead_pipelines import MODELS, PipelineSpec, build_pipeline, copy_pipeline
+
+QUICK_VARIANTS = ("bare", "none", "fora-1", "fbcache-0", "reuse-3")
+FULL_VARIANTS = QUICK_VARIANTS + ("taylor-3",)
+CACHE_DIT_VARIANTS = ("fbcache-0.08", "cache-dit-F1B0-0.08")
+# variant -> (cache preset, parameters); "bare" and "cache-dit-*" are not accel stacks.
+CACHES: dict[str, tuple[str, dict] | None] = {
+    "none": None,
+    "fora-1": ("fora", {"interval": 1}),
+    "fbcache-0": ("fbcache", {"threshold": 0.0}),
+    "reuse-3": ("taylorseer", {"interval": 3, "update": "reuse", "warmup": 0.0}),
+    "taylor-3": ("taylorseer", {"interval": 3, "order": 1, "warmup": 0.0}),
+    "fbcache-0.08": ("fbcache", {"threshold": 0.08, "warmup": 0.1}),
+}
+MODES = ("eager", "compiled")
+
+
+@dataclass(frozen=True)
+class Settings:
+    """One benchmark run.
+
+    Attributes:
+        spec: the pipeline to build.
+        steps: solver steps per generation.
+        repeats: timed generations per variant and mode (the median is reported).
+        variants: the variants to time (names above).
+        modes: "eager" and/or "compiled".
+        threads: torch CPU threads (None leaves torch's setting).
+        backend: the torch.compile backend of compiled runs ("inductor"; "eager" traces only).
+        passes: compiled runs go through the variants once, or twice (there and back).
+    """
+
+    spec: PipelineSpec = PipelineSpec()
+    steps: int = 20
+    repeats: int = 3
+    variants: tuple[str, ...] = QUICK_VARIANTS
+    modes: tuple[str, ...] = MODES
+    threads: int | None = 1
+    backend: str = "inductor"
+    passes: int = 1
+
+    def __post_init__(self) -> None:
+        unknown = [v for v in self.variants if v != "bare" and v not in CACHES and not v.startswith("cache-dit")]
+        if unknown or "bare" not in self.variants:
+            raise ValueError(f"overhead bench: variants {unknown or self.variants} invalid; include 'bare' and "
+                             f"choose from {', '.join(('bare', *CACHES, *CACHE_DIT_VARIANTS))}")
+        if any(mode not in MODES for mode in self.modes) or self.steps < 4 or self.repeats < 1:
+            raise ValueError(f"overhead bench: modes {self.modes} (use {MODES}), steps {self.steps} (>= 4) and "
+                             f"repeats {self.repeats} (>= 1)")
+
+
+def stack_of(variant: str, steps: int):
+    """The accel Stack of a variant (Euler on the pipeline's own walk, no CFG)."""
+    from accel.stack import CachePlan, GuidancePlan, SamplerPlan, Stack
+
+    cache = CACHES[variant]
+    plan = None if cache is None else CachePlan(cache[0], dict(cache[1]))
+    return Stack(SamplerPlan("euler", steps, "auto"), plan, (), GuidancePlan(1.0))
+
+
+def _prepare(variant: str, pipe: Any, steps: int) -> None:
+    if variant == "bare":
+        return
+    if variant.startswith("cache-dit"):
+        import cache_dit
+        from cache_dit import DBCacheConfig
+
+        threshold = float(variant.rsplit("-", 1)[1])
+        cache_dit.enable_cache(pipe, cache_config=DBCacheConfig(Fn_compute_blocks=1, Bn_compute_blocks=0,
+                                                                residual_diff_threshold=threshold,
+                                                                max_warmup_steps=max(1, steps // 10)))
+        return
+    import accel
+
+    accel.apply(pipe, stack_of(variant, steps))
+
+
+def _generate(pipe: Any, kwargs: dict, steps: int, device: str) -> tuple[float, float]:
+    """(wall-clock seconds, this process's CPU seconds) of one generation (synchronised on CUDA).
+
+    The CPU time is what the process itself spent: on a CPU shared with other work it is less
+    disturbed by the others than the wall-clock.
+    """
+    generator = torch.Generator(device).manual_seed(0)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    start, cpu_start = time.perf_counter(), time.process_time()
+    pipe(**kwargs, num_inference_steps=steps, generator=generator)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+    return time.perf_counter() - start, time.process_time() - cpu_start
+
+
+def _flops(pipe: Any, kwargs: dict, steps: int, device: str) -> float:
+    with FlopCounterMode(display=False) as counter:
+        _generate(pipe, kwargs, steps, device)
+    return float(counter.get_total_flops())
+
+
+def _timed_rounds(pipes: dict[str, Any], kwargs: dict, settings: Settings) -> dict[str, list[tuple]]:
+    """`repeats` rounds over every variant; each round starts one variant later (no fixed order)."""
+    names = list(pipes)
+    times: dict[str, list[tuple]] = {name: [] for name in names}
+    for round_index in range(settings.repeats):
+        for offset in range(len(names)):
+            name = names[(round_index + offset) % len(names)]
+            times[name].append(_generate(pipes[name], kwargs, settings.steps, settings.spec.device))
+    return times
+
+
+def _compiled_times(pipes: dict[str, Any], kwargs: dict, settings: Settings) -> tuple[dict, dict]:
+    """Each variant compiled alone (dynamo reset before it), warmed up and timed `repeats` times in a
+    row; with `passes` = 2 the variants run again in reverse order (ABBA), against load drift.
+
+    Compiled variants are not interleaved: dynamo keeps one cache per function for all modules, and
+    pipelines compiled with different backends evict each other's entries (a recompile per switch).
+
+    Returns:
+        ((wall, CPU) seconds per variant, (graphs compiled during warm-up, graphs compiled while
+        timed) per variant).
+    """
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    names = list(pipes)
+    order = names + names[::-1] if settings.passes == 2 else names
+    times: dict[str, list[tuple]] = {name: [] for name in names}
+    graphs: dict[str, tuple[int, int]] = {}
+    for name in order:
+        pipe = pipes[name]
+        torch._dynamo.reset()
+        counter = CompileCounterWithBackend(settings.backend)
+        pipe.transformer.compile(backend=counter)
+        for _ in range(2):
+            _generate(pipe, kwargs, settings.steps, settings.spec.device)
+        warm = counter.frame_count
+        times[name] += [_generate(pipe, kwargs, settings.steps, settings.spec.device) for _ in range(settings.repeats)]
+        graphs[name] = (warm, counter.frame_count - warm + graphs.get(name, (0, 0))[1])
+    torch._dynamo.reset()
+    return times, graphs
+
+
+def _records(mode: str, times: dict[str, list[tuple]], flops: dict[str, float], graphs: dict[str, tuple[int, int]],
+             settings: Settings) -> list[dict]:
+    bare = statistics.median(wall for wall, _ in times["bare"])
+    bare_cpu = statistics.median(cpu for _, cpu in times["bare"])
+    records = []
+    for name, samples in times.items():
+        seconds = statistics.median(wall for wall, _ in samples)
+        cpu_seconds = statistics.median(cpu for _, cpu in samples)
+        flop_ratio = flops["bare"] / flops[name] if flops.get(name) else None
+        wall_ratio = bare / seconds
+        record = dict(variant=name, mode=mode, model=settings.spec.model, device=settings.spec.device,
+                      dtype=settings.spec.dtype, height=settings.spec.height, width=settings.spec.width,
+                      steps=settings.steps, repeats=len(samples), seconds=seconds,
+                      step_ms=1000 * seconds / settings.steps,
+                      overhead_ms_per_step=1000 * (seconds - bare) / settings.steps,
+                      overhead_pct=100 * (seconds / bare - 1), cpu_seconds=cpu_seconds,
+                      cpu_overhead_pct=100 * (cpu_seconds / bare_cpu - 1), flops=flops.get(name),
+                      flop_ratio=flop_ratio, wall_ratio=wall_ratio,
+                      efficiency=wall_ratio / flop_ratio if flop_ratio else None,
+                      graphs=graphs[name][0] if name in graphs else None,
+                      steady_graphs=graphs[name][1] if name in graphs else None)
+        records.append(record)
+    return records
+
+
+def measure(settings: Settings, log: Callable[[str], None] = print) -> list[dict]:
+    """Times every variant, eager then compiled; returns one record per (mode, variant)."""
+    if settings.threads is not None:
+        torch.set_num_threads(settings.threads)
+    base, kwargs = build_pipeline(settings.spec)
+    pipes = {}
+    for name in settings.variants:
+        pipes[name] = copy_pipeline(base)
+        _prepare(name, pipes[name], settings.steps)
+    for pipe in pipes.values():  # one eager generation each first, so FLOPs are counted eagerly
+        _generate(pipe, kwargs, settings.steps, settings.spec.device)
+    flops = {name: _flops(pipe, kwargs, settings.steps, settings.spec.device) for name, pipe in pipes.items()}
+    records = []
+    if "eager" in settings.modes:
+        for pipe in pipes.values():  # warm-up: calibrations, allocator
+            _generate(pipe, kwargs, settings.steps, settings.spec.device)
+        log(f"timing {len(pipes)} variants, eager, {settings.repeats} interleaved rounds")
+        records += _records("eager", _timed_rounds(pipes, kwargs, settings), flops, {}, settings)
+    if "compiled" in settings.modes:
+        log(f"timing {len(pipes)} variants, compiled ({settings.backend}), one after the other")
+        times, graphs = _compiled_times(pipes, kwargs, settings)
+        records += _records("compiled", times, flops, graphs, settings)
+    return records
+
+
+COLUMNS = (("mode", "mode", "{}"), ("variant", "variant", "{}"), ("step_ms", "ms/step", "{:.2f}"),
+           ("overhead_ms_per_step", "overhead ms/step", "{:+.3f}"), ("overhead_pct", "overhead", "{:+.1f}%"),
+           ("cpu_overhead_pct", "CPU-time overhead", "{:+.1f}%"),
+           ("flop_ratio", "FLOP ratio", "{:.2f}x"), ("wall_ratio", "wall ratio", "{:.2f}x"),
+           ("efficiency", "wall/FLOP", "{:.2f}"), ("graphs", "graphs", "{}"), ("steady_graphs", "steady", "{}"))
+
+
+def table(records: list[dict], markdown: bool = False) -> str:
+    """The records as a text (or Markdown) table."""
+    rows = [[title for _, title, _ in COLUMNS]]
+    rows += [["-" if r.get(key) is None else fmt.format(r[key]) for key, _, fmt in COLUMNS] for r in records]
+    if markdown:
+        lines = ["| " + " | ".join(row) + " |" for row in rows]
+        return "\n".join([lines[0], "|" + "---|" * len(COLUMNS), *lines[1:]])
+    widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
+    return "\n".join("  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in rows)
+
+
+def _cache_dit_note(settings: Settings) -> tuple[Settings, str | None]:
+    import importlib.util
+
+    wanted = [v for v in settings.variants if v.startswith("cache-dit")]
+    if not wanted or importlib.util.find_spec("cache_dit") is not None:
+        return settings, None
+    kept = tuple(v for v in settings.variants if v not in wanted)
+    return dataclasses.replace(settings, variants=kept), "cache-dit is not installed (pip install cache-dit); skipped"
+
+
+def write(records: list[dict], settings: Settings, out_dir: Path, json_path: Path | None, notes: list[str]) -> None:
+    """overhead.json and overhead.md under `out_dir` (and `json_path` if given)."""
+    payload = {"settings": dataclasses.asdict(settings), "notes": notes, "records": records}
+    io.write_json(out_dir / "overhead.json", payload, indent=2)
+    if json_path is not None:
+        io.write_json(json_path, payload, indent=2)
+    spec = settings.spec
+    title = (f"# accel bench overhead\n\n{spec.model} FluxPipeline, {spec.height}x{spec.width}, {settings.steps} "
+             f"Euler steps, {spec.device} {spec.dtype}, median of {settings.repeats} interleaved rounds\n\n")
+    io.write_text(out_dir / "overhead.md", title + table(records, markdown=True) + "\n"
+                  + "".join(f"\n{note}\n" for note in notes))
+
+
+def run_settings(settings: Settings, json_path: Path | None, out_dir: Path) -> list[dict]:
+    """Measures, prints the table and writes the files."""
+    settings, note = _cache_dit_note(settings)
+    notes = [note] if note else []
+    records = measure(settings)
+    print(table(records))
+    for line in notes:
+        print(line)
+    write(records, settings, out_dir, json_path, notes)
+    return records
+
+
+def run(quick: bool, json_path: Path | None, out_dir: Path) -> list[dict]:
+    """`accel bench overhead`: the tiny pipeline on the CPU at 256x256, one thread."""
+    settings = (Settings(steps=20, repeats=3) if quick else
+                Settings(steps=50, repeats=7, variants=FULL_VARIANTS, passes=2))
+    return run_settings(settings, json_path, out_dir)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m accel.bench.overhead`: the same bench with the model, device and size as flags."""
+    parser = argparse.ArgumentParser(prog="python -m accel.bench.overhead", description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="tiny", choices=MODELS)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--height", type=int, default=256)
+    parser.add_argument("--width", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: 1 on the CPU)")
+    parser.add_argument("--modes", default="eager,compiled")
+    parser.add_argument("--variants", default=None, help="comma-separated (default: all; bare is always run)")
+    parser.add_argument("--cache-dit", action="store_true", help="add fbcache-0.08 and cache-dit's DBCache F1B0")
+    parser.add_argument("--json", default=None)
+    parser.add_argument("--out", default="runs/bench-overhead")
+    args = parser.parse_args(argv)
+    variants = FULL_VARIANTS + (CACHE_DIT_VARIANTS if args.cache_dit else ())
+    if args.variants:
+        variants = ("bare", *(v for v in args.variants.split(",") if v != "bare"))
+    threads = args.threads if args.threads is not None else (1 if args.device == "cpu" else None)
+    try:
+        settings = Settings(PipelineSpec(args.model, args.height, args.width, args.device, args.dtype),
+                            steps=args.steps, repeats=args.repeats, variants=variants,
+                            modes=tuple(args.modes.split(",")), threads=threads)
+        out_dir = io.claim_folder(Path(args.out), "accel bench overhead")
+        run_settings(settings, Path(args.json) if args.json else None, out_dir)
+    except ValueError as error:
+        print(f"accel: error: {io.first_line(error)}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
