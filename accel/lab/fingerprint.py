@@ -54,3 +54,47 @@ def differing_keys(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
     """The dotted keys whose values differ between two payloads (sorted)."""
     a, b = flatten(old), flatten(new)
     return sorted(key for key in set(a) | set(b) if canonical(a.get(key)) != canonical(b.get(key)))
+
+
+IDENTITY_DENOISERS = ("transformer", "transformer_2", "unet")
+IDENTITY_SAMPLES = 64  # elements read from every tensor
+
+
+def model_identity(pipe) -> str:
+    """A hash of a pipeline's denoiser weights, computed from the loaded modules (no files).
+
+    Every tensor of every denoiser (`transformer`, Wan 2.2's `transformer_2`, `unet`) contributes
+    its name, shape, dtype and the bytes of `IDENTITY_SAMPLES` elements at fixed, evenly spaced
+    positions, so a different checkpoint, dtype or fine-tune is told apart in milliseconds while
+    the device does not matter. `accel calibrate` records it and `accel.apply` / the lab compare it.
+
+    Args:
+        pipe: a diffusers pipeline (or anything with those attributes).
+
+    Returns:
+        A short hex hash.
+
+    Raises:
+        ValueError: the pipeline has no denoiser.
+    """
+    import torch
+
+    digest = hashlib.sha256()
+    found = False
+    for attribute in IDENTITY_DENOISERS:
+        module = getattr(pipe, attribute, None)
+        if not isinstance(module, torch.nn.Module):
+            continue
+        found = True
+        digest.update(attribute.encode())
+        for name, tensor in sorted(module.state_dict().items()):
+            digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+            if tensor.numel() == 0 or tensor.device.type == "meta":
+                continue
+            flat = tensor.detach().reshape(-1)
+            picks = torch.linspace(0, flat.numel() - 1, min(IDENTITY_SAMPLES, flat.numel()), device=flat.device)
+            sample = flat[picks.round().long()].cpu().contiguous()
+            digest.update(sample.view(torch.uint8).numpy().tobytes())
+    if not found:
+        raise ValueError(f"{type(pipe).__name__} has no transformer or unet to identify")
+    return digest.hexdigest()[:FINGERPRINT_LENGTH]
