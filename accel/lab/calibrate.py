@@ -129,16 +129,29 @@ class Session:
             self._reference, _ = self.generate(config.stack, config.steps, config.guidance)
         return self._reference
 
+    def trial_key(self, stack: Stack, search: str, keep_walk: bool = False) -> str:
+        """The journal key of a trial: what it runs (the whole stack, a walk file by its content-named
+        file), on which weights and samples, against which reference, with which code. Trials of other
+        recipes that run the same stack share a key, so one journal serves several calibrations."""
+        described = stack.to_dict()
+        path = described["sampler"]["schedule_params"].get("path")
+        if path:
+            described["sampler"]["schedule_params"]["path"] = Path(path).name
+        return fingerprint({"stack": described, "search": search, "walk": keep_walk,
+                            "model": self.provenance["model"], "samples": self.inputs.describe(),
+                            "batch_size": int(self.recipe.inputs.batch_size),
+                            "reference": self.provenance["reference"], "versions": self.provenance["versions"]})
+
     def measure(self, search: str, trial: dict[str, Any], *, keep_cache: bool = True,
                 keep_walk: bool = False) -> dict:
         """The journaled record of one trial ({objective, mse, walk}), measured if not journaled."""
-        key = fingerprint({"provenance": self.provenance, "search": search, "trial": trial, "cache": keep_cache})
+        stack = Stack.from_recipe(self.trial_recipe(trial, keep_cache=keep_cache))
+        key = self.trial_key(stack, search, keep_walk)
         record = self.done.get(key)
         if record is not None:
             self.replayed += 1
             self.bar.update()
             return record
-        stack = Stack.from_recipe(self.trial_recipe(trial, keep_cache=keep_cache))
         images, walk = self.generate(stack, stack.sampler.steps, stack.guidance, split=not keep_walk,
                                      keep_walk=keep_walk)
         objective, mse = log_errors(images, self.reference)
@@ -252,10 +265,10 @@ def calibrate_trigger(session: Session, key: str) -> None:
     from accel.resolve import resolve
     from caching import calibrate_magcache, calibrate_teacache
 
-    journal_key = fingerprint({"provenance": session.provenance, "search": key})
+    stack = Stack.from_recipe(session.trial_recipe({}))
+    journal_key = session.trial_key(stack, key)
     record = session.done.get(journal_key)
     if record is None:
-        stack = Stack.from_recipe(session.trial_recipe({}))
         config = resolve(stack, run_info_for(session.model.pipe, stack)).cache_config()
         bare = stack.replace(cache=None)
         run = lambda: session.generate(bare, bare.sampler.steps, bare.guidance, split=False)  # noqa: E731
@@ -307,13 +320,15 @@ def calibration_path(recipe: DictConfig, out_dir: Path | None = None) -> Path:
     return Path(out_dir or ".") / "calibrations" / f"{recipe.name}.json"
 
 
-def calibrate_recipe(recipe: DictConfig, out_dir: Path | None = None, *, model: LabModel | None = None) -> Path:
+def calibrate_recipe(recipe: DictConfig, out_dir: Path | None = None, *, model: LabModel | None = None,
+                     journal: Path | None = None) -> Path:
     """Searches every marked value of `recipe` and writes its calibration file.
 
     Args:
         recipe: a recipe loaded with its markers (`load_recipe(..., calibrated=False)`).
         out_dir: the folder holding `calibrations/` (default: the working directory).
         model: the loaded pipeline (default: loaded from `model.name`).
+        journal: the trials journal (default: `calibrations/<name>.trials.jsonl` beside the file).
 
     Returns:
         The calibration file's path.
@@ -325,7 +340,8 @@ def calibrate_recipe(recipe: DictConfig, out_dir: Path | None = None, *, model: 
         raise CalibrationError(f"recipe {recipe.name} marks nothing calibrated; mark a value, e.g. "
                                "cache.params.steps='calibrated 6' (see docs/recipes.md, Calibration)")
     path = calibration_path(recipe, out_dir)
-    session = Session(recipe, model or load_model(recipe.model), path.with_suffix(".trials.jsonl"))
+    journal = journal or path.with_suffix(".trials.jsonl")
+    session = Session(recipe, model or load_model(recipe.model), journal)
     if WALK_KEY in session.markers or COMPENSATION_KEY in session.markers:
         search_walk(session)
     for key in ("cache.params.coefficients", "cache.params.ratios"):
@@ -337,6 +353,6 @@ def calibrate_recipe(recipe: DictConfig, out_dir: Path | None = None, *, model: 
         Calibration(str(recipe.name), dict(session.markers), session.values, session.provenance,
                     session.search).write(path)
         print(f"calibrated {', '.join(session.markers)}: {session.measured} trials measured, "
-              f"{session.replayed} replayed from {path.with_suffix('.trials.jsonl').name}\nwrote {path}")
+              f"{session.replayed} replayed from {journal.name}\nwrote {path}")
     wait_for_everyone()
     return path
