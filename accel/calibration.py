@@ -198,6 +198,7 @@ class Calibration:
         """Writes the file atomically."""
         from accel.io import write_json
 
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
         return write_json(Path(path), self.to_dict(), indent=1)
 
     @classmethod

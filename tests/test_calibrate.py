@@ -181,3 +181,24 @@ def test_calibrate_searches_a_walk_and_its_compensation_on_a_text_pipeline(tmp_p
     assert torch.isfinite(images).all()
     assert [round(s, 6) for s in pipe.scheduler.solver_sigmas.tolist()] == [round(s, 6) for s in walk["sigmas"]]
     accel.remove(pipe)
+
+
+def test_two_launched_processes_write_the_single_process_calibration(calibrated, tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from accel.data_files import RECIPES_DIR
+
+    tmp, recipe, _ = calibrated
+    split = ["inputs.batch_size=1"]  # two batches of one calibration sample: one per process
+    assert main(["calibrate", str(recipe), *split, "--out", str(tmp_path / "one")]) == 0
+    launched = subprocess.run(
+        [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+         str(RECIPES_DIR / "launch" / "accelerate-cpu-2proc.yaml"), "-m", "accel", "calibrate", str(recipe), *split,
+         "--out", str(tmp_path / "two")],
+        env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True, timeout=600)
+    assert launched.returncode == 0, launched.stderr[-2000:]
+    one, two = (json.loads((tmp_path / name / "calibrations" / "tiny-cache.json").read_text())
+                for name in ("one", "two"))
+    assert one["values"] == two["values"] and one["search"] == two["search"]

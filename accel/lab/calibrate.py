@@ -170,7 +170,8 @@ class Session:
         trials = [{"trial": r["trial"], "objective": r["objective"]} for r in self.done.values()
                   if r.get("search") == summary.get("search", key) and "objective" in r]
         self.search[key] = {**summary, "trial_log": trials}
-        self.bar.write(f"{key}: {summary.get('line', '')}")
+        if is_main_process():
+            self.bar.write(f"{key}: {summary.get('line', '')}")
 
 
 def _compact(trial: dict[str, Any]) -> dict[str, Any]:
