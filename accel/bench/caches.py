@@ -34,7 +34,8 @@ from typing import Callable, Sequence
 from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from accel.bench._cache_anchors import Anchor, cache_dit_anchor, cache_dit_available, diffusers_anchor, diffusers_mag_ratios
+from accel.bench._cache_anchors import (Anchor, cache_dit_anchor, cache_dit_available, diffusers_anchor,
+                                        diffusers_mag_ratios)
 from accel.calibration import Calibration, CalibrationError, check_provenance, find_markers, replace_markers
 from accel.data_files import EMBEDDED_WEIGHTS_DIR
 from accel.io import write_json, write_text
@@ -263,7 +264,8 @@ def level_rows(records: list[dict], levels=range(25, 41)) -> list[dict]:
 
 
 def levels_markdown(rows: list[dict]) -> str:
-    lines = ["| PSNR >= | ours | best anchor | best fewer-steps solver | FLOPs ours / anchor |", "|---|---|---|---|---|"]
+    lines = ["| PSNR >= | ours | best anchor | best fewer-steps solver | FLOPs ours / anchor |",
+             "|---|---|---|---|---|"]
     for row in rows:
         lines.append(f"| {row['psnr']} dB | {row['ours']:.2f}x ({row['ours_label']}) | {row['anchor']:.2f}x "
                      f"({row['anchor_label']}) | {row['baseline']:.2f}x ({row['baseline_label']}) | "
