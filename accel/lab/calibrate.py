@@ -186,6 +186,8 @@ class _WalkObjective:
 
     def __init__(self, session: Session, schedule: Any, search_walk: bool) -> None:
         self.session, self.search_walk = session, search_walk
+        # a cache still to calibrate is left out of the walk's trials; a given one runs with them
+        self.keep_cache = not any(key.startswith("cache.") for key in session.markers)
         self.denoiser = SimpleNamespace(schedule=schedule)
         self.ratios: list[float] | None = None
         sampler = session.recipe.sampler
@@ -211,7 +213,7 @@ class _WalkObjective:
         return trial
 
     def __call__(self, sigmas: torch.Tensor) -> float:
-        value = self.session.measure("walk", self.trial(sigmas), keep_cache=False)["objective"]
+        value = self.session.measure("walk", self.trial(sigmas), keep_cache=self.keep_cache)["objective"]
         if self.ratios is not None:
             value += math.log1p(RATIO_SEARCH["penalty"] * sum(r * r for r in self.ratios))
         return value
@@ -236,14 +238,14 @@ def search_walk(session: Session) -> None:
     search_walk_too = WALK_KEY in session.markers
     objective = _WalkObjective(session, _model_schedule(session.model.pipe), search_walk_too)
     start = {"sampler.schedule": "auto", "sampler.schedule_params": {}} if search_walk_too else {}
-    first = session.measure("walk", start, keep_cache=False, keep_walk=True)
+    first = session.measure("walk", start, keep_cache=objective.keep_cache, keep_walk=True)
     sigmas = torch.tensor(first["walk"], dtype=torch.float64)
     lines: list[str] = []
     best = first["objective"]
     if search_walk_too:
         sigmas, best = _coordinate_descent(objective, sigmas, objective(sigmas), WALK_SEARCH["sweeps"],
                                            WALK_SEARCH["iterations"], WALK_SEARCH["margin"], lines.append)
-        final = session.measure("walk", objective.trial(sigmas), keep_cache=False)
+        final = session.measure("walk", objective.trial(sigmas), keep_cache=objective.keep_cache)
         value = objective.walk(sigmas, error=final["mse"], initial_error=first["mse"], solver="eval.reference",
                                samples=len(session.inputs), objective="psnr", objective_value=final["objective"])
         session.found(WALK_KEY, value, {"search": "walk", "objective": final["objective"], "line": (
@@ -253,7 +255,7 @@ def search_walk(session: Session) -> None:
         ratios, best = _search_ratios(objective, sigmas, RATIO_SEARCH["sweeps"], RATIO_SEARCH["iterations"],
                                       RATIO_SEARCH["width"], lines.append)
         objective.set_ratios(ratios)
-        final = session.measure("walk", objective.trial(sigmas), keep_cache=False)
+        final = session.measure("walk", objective.trial(sigmas), keep_cache=objective.keep_cache)
         session.found(COMPENSATION_KEY, [float(r) for r in ratios], {
             "search": "walk", "objective": final["objective"], "initial_objective": first["objective"],
             "line": f"compensation ratios, log MSE {first['objective']:.4f} -> {final['objective']:.4f}",
