@@ -25,6 +25,7 @@ process runs the same search and each trial's batches are dealt to the processes
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 from types import SimpleNamespace
@@ -275,16 +276,24 @@ def calibrate_trigger(session: Session, key: str) -> None:
         config = resolve(stack, run_info_for(session.model.pipe, stack)).cache_config()
         bare = stack.replace(cache=None)
         run = lambda: session.generate(bare, bare.sampler.steps, bare.guidance, split=False)  # noqa: E731
-        denoiser = session.model.denoiser
-        if key.endswith("coefficients"):
-            value = list(calibrate_teacache(denoiser, run, degree=getattr(config.trigger, "degree", 4),
-                                            scope=config.scope).coefficients)
-        else:
-            value = list(calibrate_magcache(denoiser, run, scope=config.scope).ratios)
+        denoiser, quiet = session.model.denoiser, logging.getLogger("caching")
+        level = quiet.level
+        quiet.setLevel(logging.ERROR)  # not "the first generation calibrates": this run is the calibration
+        try:
+            if key.endswith("coefficients"):
+                value = list(calibrate_teacache(denoiser, run, degree=getattr(config.trigger, "degree", 4),
+                                                scope=config.scope).coefficients)
+            else:
+                value = list(calibrate_magcache(denoiser, run, scope=config.scope).ratios)
+        finally:
+            quiet.setLevel(level)
+        session.measured += 1
         record = {"key": journal_key, "search": key, "trial": {}, "value": value}
         if is_main_process():
             append_jsonl(session.journal, record)
         session.done[journal_key] = record
+    else:
+        session.replayed += 1
     session.found(key, record["value"], {"search": key, "line": f"{len(record['value'])} values from one "
                                          f"full-compute run of {len(session.inputs)} samples"})
 
@@ -355,7 +364,7 @@ def calibrate_recipe(recipe: DictConfig, out_dir: Path | None = None, *, model: 
     if is_main_process():
         Calibration(str(recipe.name), dict(session.markers), session.values, session.provenance,
                     session.search).write(path)
-        print(f"calibrated {', '.join(session.markers)}: {session.measured} trials measured, "
+        print(f"calibrated {', '.join(session.markers)}: {session.measured} trials or calibration runs measured, "
               f"{session.replayed} replayed from {journal.name}\nwrote {path}")
     wait_for_everyone()
     return path
