@@ -34,6 +34,14 @@ def _ablate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _calibrate(args: argparse.Namespace) -> int:
+    recipe = load_recipe(args.recipe, args.overrides, calibrated=False)
+    from accel.lab.calibrate import calibrate_recipe
+
+    calibrate_recipe(recipe, Path(args.out) if args.out else None)
+    return 0
+
+
 def _train(args: argparse.Namespace) -> int:
     from accel.recipe.train_schema import load_train_recipe
     from accel.train import is_main_launch_process, quick_overrides, run_train_recipe
@@ -120,6 +128,13 @@ def build_parser() -> argparse.ArgumentParser:
     ablate.add_argument("--keep-going", action="store_true",
                         help="measure every other cell when one fails (exit 0), instead of stopping (exit 1)")
     ablate.set_defaults(handler=_ablate)
+    calibrate = commands.add_parser("calibrate", help="search what a recipe marks `calibrated` (on calibration "
+                                    "samples) and write calibrations/<name>.json")
+    calibrate.add_argument("recipe", help="recipe YAML or shipped name (e.g. embedded-calibrated-cache)")
+    calibrate.add_argument("overrides", nargs="*", help="key=value overrides")
+    calibrate.add_argument("--out", default=None,
+                           help="folder that holds calibrations/ (default: the working directory)")
+    calibrate.set_defaults(handler=_calibrate)
     train = commands.add_parser("train", help="train an objective (checkpointed, resumable) from a training recipe")
     train.add_argument("recipe", help="training recipe YAML or shipped name (e.g. train/flow-digits)")
     train.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.steps=50")

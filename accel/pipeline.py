@@ -353,10 +353,11 @@ def apply(pipe: Any, stack_or_recipe: Any) -> ResolvedStack:
         StackError: the stack cannot work on this pipeline (nothing is changed then), or the
             pipeline already has a stack, or LoRA adapters while the stack brings its own.
         RecipeError: a recipe name or file that does not load.
+        CalibrationError: the recipe's calibration file was made for another model or run.
     """
     if pipe in _APPLIED:
         raise StackError(f"{type(pipe).__name__} already has a stack applied; call accel.remove(pipe) first")
-    stack, placement = stack_and_placement(stack_or_recipe)
+    stack, placement = stack_and_placement(stack_or_recipe, pipe)
     denoisers = _denoisers(pipe)
     base_run = run_info_for(pipe, stack)
     resolved = resolve(stack, base_run)

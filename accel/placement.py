@@ -26,8 +26,11 @@ class ModelPlacement:
     device: str | None = None
 
 
-def stack_and_placement(stack_or_recipe: Any) -> tuple[Stack, ModelPlacement]:
+def stack_and_placement(stack_or_recipe: Any, pipe: Any = None) -> tuple[Stack, ModelPlacement]:
     """The Stack and the model placement named by a Stack, a recipe, or a recipe name / path.
+
+    A recipe's `calibrated` markers are replaced by its calibration file's values, and the file
+    must have been made for `pipe`'s weights (`accel.calibration.calibrated_recipe`).
 
     Raises:
         StackError: neither a Stack nor a recipe; a recipe that does not load is a RecipeError.
@@ -44,6 +47,10 @@ def stack_and_placement(stack_or_recipe: Any) -> tuple[Stack, ModelPlacement]:
 
         if not OmegaConf.is_config(recipe):
             recipe = OmegaConf.structured(recipe)
+        if "calibration" in recipe:
+            from accel.calibration import calibrated_recipe
+
+            recipe = calibrated_recipe(recipe, pipe)
         model = recipe.get("model") or {}
         placement = ModelPlacement(model.get("dtype"), model.get("device"))
         return Stack.from_recipe(recipe), placement

@@ -18,7 +18,7 @@ parameter `gains`). Neither search changes the FLOPs.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 from tqdm import tqdm
@@ -57,17 +57,20 @@ def _log_error(images: torch.Tensor, reference: torch.Tensor) -> float:
 
 class _Trials:
     """The calibration objective of cached runs (apply `config`, run, remove the cache), counted and
-    shown as a transient progress bar (only on a terminal)."""
+    shown as a transient progress bar (only on a terminal). A given `trial` replaces the built-in
+    objective: it is called with `config_for`'s result and returns the error itself."""
 
-    def __init__(self, model: torch.nn.Module, run_fn: Callable[[], torch.Tensor], reference: torch.Tensor,
-                 desc: str) -> None:
-        self.model, self.run_fn, self.reference = model, run_fn, reference
+    def __init__(self, model: torch.nn.Module | None, run_fn: Callable[[], torch.Tensor] | None,
+                 reference: torch.Tensor | None, desc: str, trial: Callable[[Any], float] | None = None) -> None:
+        self.model, self.run_fn, self.reference, self.trial = model, run_fn, reference, trial
         self.count = 0
-        self.bar = tqdm(desc=desc, unit="run", leave=False, disable=None)
+        self.bar = tqdm(desc=desc, unit="run", leave=False, disable=None if trial is None else True)
 
     def __call__(self, config: CacheConfig) -> float:
         self.count += 1
         self.bar.update()
+        if self.trial is not None:
+            return self.trial(config)
         apply_cache(self.model, config)
         try:
             return _log_error(self.run_fn(), self.reference)
@@ -76,10 +79,11 @@ class _Trials:
 
 
 @torch.no_grad()
-def search_compute_steps(model: torch.nn.Module, config_for: Callable[[tuple[float, ...]], CacheConfig],
-                         run_fn: Callable[[], torch.Tensor], reference: torch.Tensor,
+def search_compute_steps(model: torch.nn.Module | None, config_for: Callable[[tuple[float, ...]], Any],
+                         run_fn: Callable[[], torch.Tensor] | None, reference: torch.Tensor | None,
                          initial_steps: Sequence[int], num_steps: int, *, sweeps: int = 2,
-                         log: Callable[[str], None] | None = None) -> ComputeSchedule:
+                         log: Callable[[str], None] | None = None,
+                         trial: Callable[[Any], float] | None = None) -> ComputeSchedule:
     """Moves each computed step between its neighbours to minimise the cached run's error.
 
     Args:
@@ -93,6 +97,9 @@ def search_compute_steps(model: torch.nn.Module, config_for: Callable[[tuple[flo
         num_steps: steps of the run.
         sweeps: passes over the computed steps (stops early when a pass gains < 1e-3 in the log).
         log: optional `log(message)` after each pass.
+        trial: optional `trial(config_for(fractions)) -> error` replacing the built-in objective
+            (then `model`, `run_fn` and `reference` are unused): e.g. a whole pipeline run through
+            `accel.apply`, journaled (`accel calibrate`).
 
     Returns:
         The ComputeSchedule.
@@ -100,7 +107,7 @@ def search_compute_steps(model: torch.nn.Module, config_for: Callable[[tuple[flo
     steps = sorted(set(initial_steps) | {0})
     if steps[-1] >= num_steps:
         raise ValueError(f"initial_steps {list(initial_steps)} reach past a run of {num_steps} steps")
-    trials = _Trials(model, run_fn, reference, "compute-schedule search")
+    trials = _Trials(model, run_fn, reference, "compute-schedule search", trial)
 
     def error_of(candidate: list[int]) -> float:
         return trials(config_for(tuple(s / num_steps for s in candidate)))
@@ -144,10 +151,11 @@ class ForecastGains:
 
 
 @torch.no_grad()
-def search_forecast_gains(model: torch.nn.Module, config_for: Callable[[tuple[float, ...]], CacheConfig],
-                          run_fn: Callable[[], torch.Tensor], reference: torch.Tensor, segments: int, *,
+def search_forecast_gains(model: torch.nn.Module | None, config_for: Callable[[tuple[float, ...]], Any],
+                          run_fn: Callable[[], torch.Tensor] | None, reference: torch.Tensor | None, segments: int, *,
                           deltas: Sequence[float] = (0.2, 0.1, 0.05), sweeps: int = 2,
-                          log: Callable[[str], None] | None = None) -> ForecastGains:
+                          log: Callable[[str], None] | None = None,
+                          trial: Callable[[Any], float] | None = None) -> ForecastGains:
     """Scales each segment's Taylor extrapolation to minimise the cached run's error.
 
     A finite-difference forecast over a long run of cached steps overshoots where the features
@@ -164,13 +172,15 @@ def search_forecast_gains(model: torch.nn.Module, config_for: Callable[[tuple[fl
         deltas: gain increments, coarse to fine.
         sweeps: passes over the segments (stops early when a pass gains < 1e-3 in the log).
         log: optional `log(message)` after each pass.
+        trial: optional `trial(config_for(gains)) -> error` replacing the built-in objective (as in
+            `search_compute_steps`).
 
     Returns:
         The ForecastGains.
     """
     if segments < 1:
         raise ValueError(f"segments={segments!r}: a forecast needs >= 2 computed steps to have a gain to search")
-    trials = _Trials(model, run_fn, reference, "forecast-gains search")
+    trials = _Trials(model, run_fn, reference, "forecast-gains search", trial)
 
     def error_of(candidate: tuple[float, ...]) -> float:
         return trials(config_for(candidate))

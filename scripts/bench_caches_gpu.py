@@ -16,8 +16,11 @@ weights their decisions say nothing about a trained model.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib.util
 import json
 import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -27,7 +30,60 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import samplers  # noqa: E402
 from accel import measure  # noqa: E402
-from accel.bench._cache_origins import Variant, cache_dit_available, make_adapter  # noqa: E402
+
+
+@dataclass(frozen=True)
+class Variant:
+    """One configuration: "accel" (a preset of caching/), "diffusers" (one of its caches) or "cache-dit"."""
+
+    origin: str
+    method: str
+    params: dict = field(default_factory=dict)
+
+
+def cache_dit_available() -> bool:
+    return importlib.util.find_spec("cache_dit") is not None
+
+
+@contextlib.contextmanager
+def installed(model: torch.nn.Module, variant: Variant, steps: int):
+    """Installs the variant's cache on the bare transformer; yields `before_generation()` (resets its state)."""
+    if variant.method == "reference":
+        yield lambda: None
+    elif variant.origin == "accel":
+        from caching import apply_cache, get_preset, remove_cache
+
+        apply_cache(model, get_preset(variant.method, **variant.params))
+        try:
+            yield lambda: None
+        finally:
+            remove_cache(model)
+    elif variant.origin == "diffusers":
+        from diffusers.hooks import PyramidAttentionBroadcastConfig, TaylorSeerCacheConfig
+        from step_context import current_step
+
+        config = (TaylorSeerCacheConfig(taylor_factors_dtype=torch.float32, **variant.params)
+                  if variant.method == "TaylorSeerCache" else PyramidAttentionBroadcastConfig(
+                      current_timestep_callback=lambda: current_step().timestep, **variant.params))
+        model.enable_cache(config)
+        try:
+            yield model._reset_stateful_cache
+        finally:
+            model.disable_cache()
+    else:
+        import cache_dit
+        from cache_dit import DBCacheConfig, TaylorSeerCalibratorConfig
+
+        p = variant.params
+        cache_dit.enable_cache(model, cache_config=DBCacheConfig(
+            Fn_compute_blocks=p["Fn"], Bn_compute_blocks=p["Bn"], residual_diff_threshold=p["threshold"],
+            max_warmup_steps=4, num_inference_steps=steps), calibrator_config=TaylorSeerCalibratorConfig(
+            taylorseer_order=1) if p["taylorseer"] else None)
+        try:
+            yield lambda: cache_dit.refresh_context(model, num_inference_steps=steps)
+        finally:
+            cache_dit.disable_cache(model)
+
 
 VARIANTS = [
     Variant("accel", "fora", {"interval": 2}), Variant("accel", "fora", {"interval": 3}),
@@ -77,20 +133,18 @@ def build(args: argparse.Namespace, device: torch.device, dtype: torch.dtype):
 
 
 def measure_variant(model, velocity, noise, variant: Variant, args, device) -> dict:
-    adapter = make_adapter(variant)
-    adapter.apply(model, args.steps)
-    denoiser = samplers.Denoiser(lambda x, t: adapter.call(model, lambda: velocity(x, t)), prediction_type="flow")
+    def call(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        with model.cache_context("cond"):  # diffusers' caches keep their state per named call
+            return velocity(x, t)
 
-    def generate() -> torch.Tensor:
-        adapter.before_generation(args.steps)
-        return samplers.sample(denoiser, noise, solver="euler", steps=args.steps, schedule="flow")
+    denoiser = samplers.Denoiser(call, prediction_type="flow")
+    with installed(model, variant, args.steps) as before_generation, torch.inference_mode():
+        def generate() -> torch.Tensor:
+            before_generation()
+            return samplers.sample(denoiser, noise, solver="euler", steps=args.steps, schedule="flow")
 
-    try:
-        with torch.inference_mode():
-            _, flops = measure.count_flops(generate)
-            wall = measure.time_median(generate, repeats=args.repeats, warmup=1, device=device)
-    finally:
-        adapter.remove(model)
+        _, flops = measure.count_flops(generate)
+        wall = measure.time_median(generate, repeats=args.repeats, warmup=1, device=device)
     return {"origin": variant.origin, "method": variant.method, "params": variant.params, "flops": flops,
             "wall_seconds": wall}
 

@@ -74,6 +74,6 @@ def test_module_identity_changes_with_any_sampled_weight_and_dtype():
     first = module_identity(model)
     assert module_identity(model) == first  # deterministic
     with torch.no_grad():
-        model[1].bias[-1] += 1e-3  # the last bytes of a tensor are sampled too
+        model[1].bias[-1] += 1e-3  # the last element of a tensor is sampled too
     assert module_identity(model) != first
     assert module_identity(model.to(torch.bfloat16)) != module_identity(model.to(torch.float32))

@@ -166,12 +166,18 @@ def test_train_quick_is_a_three_step_smoke_run_in_its_own_folder(recipe):
 
 
 def test_calibrated_cache_recipe_resolves_to_its_placement_and_gains():
+    import json
+
     import caching
+    from accel.data_files import resolve_data_file
     from accel.stack import Stack
 
     recipe = load_recipe("embedded-calibrated-cache")
+    shipped = json.loads(resolve_data_file(recipe.calibration).read_text())
+    assert shipped["markers"] == {"cache.params.steps": "calibrated 6", "cache.params.gains": "calibrated"}
     stack = Stack.from_recipe(recipe)
     assert (stack.sampler.solver, stack.sampler.steps) == ("euler", 50)
     config = caching.get_preset(recipe.cache.preset, **OmegaConf.to_container(recipe.cache.params))
-    assert config.update.gains == (1.3, 1.0, 0.9, 0.7, 0.6) and config.update.order == 2
-    assert config.trigger.steps == (0.0, 0.16, 0.34, 0.5, 0.68, 0.86)
+    assert config.update.gains == tuple(shipped["values"]["cache.params.gains"]) and config.update.order == 2
+    assert config.trigger.steps == tuple(shipped["values"]["cache.params.steps"])
+    assert len(config.trigger.steps) == 6 and len(config.update.gains) == 5

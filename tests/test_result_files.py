@@ -72,7 +72,6 @@ def test_a_torn_last_line_is_skipped_with_a_message_and_appends_continue(tmp_pat
 
 
 def test_journals_of_ablate_and_benches_skip_torn_lines(tmp_path, capsys):
-    from accel.bench._cache_harness import Journal
     from accel.bench._samplers_report import RecordStore
     from accel.lab.records import RecordStore as LabRecords
 
@@ -83,9 +82,6 @@ def test_journals_of_ablate_and_benches_skip_torn_lines(tmp_path, capsys):
     reopened = LabRecords(tmp_path / "abl")
     assert list(reopened.records()) == ["k1"] and "records.rank0.jsonl" in capsys.readouterr().err
     assert reopened.get("k1")["psnr"] == 30.0 and reopened.images("k1").shape == (1, 1, 2, 2)
-    journal_path = tmp_path / "caches-quick.jsonl"
-    journal_path.write_text('{"key": "r", "fingerprint": "f"}\n{"key": "s", "finger')
-    assert list(Journal(journal_path, "f").done) == ["r"] and str(journal_path) in capsys.readouterr().err
     records = tmp_path / "samplers-records-flux-digits.jsonl"
     record = {"signature": "sig", "model": "m", "origin": "o", "solver": "s", "schedule": "f", "nfe": 4}
     records.write_text(json.dumps(record) + "\n" + json.dumps(record)[:20])

@@ -1,218 +1,328 @@
-"""`accel bench caches [--quick] [--json PATH]`: our cache presets against cache-dit and diffusers.
+"""`accel bench caches [--quick] [--json PATH] [--out DIR]`: our caches against cache-dit's and diffusers'.
 
-In one run on the embedded FLUX-architecture model (50-step Euler, guidance 4, the same seeds for
-every configuration) it sweeps every preset of `caching/` over its main parameter, cache-dit 1.5.3's
-DBCache (F1B0 and F8B0 over `residual_diff_threshold`, with and without its TaylorSeer
-calibrator) and diffusers' own caches (FirstBlockCache, TaylorSeerCache, MagCache,
-PyramidAttentionBroadcast) on the same transformer, plus plain Euler with fewer steps (the
-equal-FLOPs baseline). Each configuration gives one record: `method`, `params`, `origin`,
-`flops_speedup` (torch-counted FLOPs of the whole generation vs the reference), `wall_speedup`
-(median of timed repeats of one fixed batch after a warm-up), `psnr`, `ssim` (vs the reference of
-the same seeds), `fd` (to real digits in the judge's features) and `accuracy` (the judge's).
+One lab `Job` on the embedded pipeline (FluxDigitsPipeline: 50-step Euler, guidance 4, the same seeds
+for every configuration, the 50-step Euler reference of those seeds) and a list of `Configuration`s:
 
-Outputs under `out_dir`: caches.jsonl (finished records; a rerun skips them), caches.json,
-caches.md (tables), caches.png (FLOPs speedup vs PSNR with per-origin frontiers). The anchors
-need the `bench` extra (`pip install -e .[bench]`); without it they are skipped with a note.
-Variants with `steps="calibrated K"` (and `gains="calibrated"`) load their searched placement and
-forecast gains when the provenance matches, from `out_dir/calibrations/<model>/cache-schedules/`
-first, then from the shipped `<model_dir>/cache-schedules/` (only read); else they search them on
-the calibration seeds first and save them under `out_dir` (`_cache_placements.PlacementStore`).
+* the fewer-steps baselines of three solvers (Euler, DPM-Solver++ 2M, UniPC): the best solver's
+  equal-FLOPs line, not only Euler's;
+* every preset of `caching/` over its main parameter, through `accel.apply`. What a preset marks
+  `calibrated` (TaylorSeer's computed steps and forecast gains, TeaCache's coefficients, MagCache's
+  ratios) comes from a calibration file of the calibrate machinery (`accel.lab.calibrate`, on
+  calibration seeds, never the evaluated ones): the bench's own under `<out>/calibrations/`, else a
+  shipped one whose provenance matches (`embedded:calibrations/`), else it is searched now and
+  written under `<out>/calibrations/` (never into the package);
+* the anchors, installed as their documentation shows (`_cache_anchors`): cache-dit's DBCache with
+  its step masks (static and dynamic `steps_mask` policies) and its TaylorSeer (orders 1 and 2) and
+  FoCa calibrators, DBCache thresholds with `max_continuous_cached_steps`; diffusers' TaylorSeerCache
+  (lite at intervals 4 to 12), FirstBlockCache, MagCache and PyramidAttentionBroadcast.
+
+Every configuration is a record of the job's RecordStore (a rerun reuses each one whose fingerprint
+matches). Outputs under out_dir: caches.json (records), caches.md (table and the best FLOPs speedup
+reaching each PSNR level per family), caches.png (FLOPs speedup vs PSNR and FD, the baselines'
+frontier). cache-dit needs the `bench` extra; without it its configurations are skipped with a note.
+What the project aims for (and whether a run meets it) is stated in docs/caching.md, not here.
 """
 
 from __future__ import annotations
 
-import logging
-import time
+import copy
+import re
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable, Sequence
 
-import torch
-from safetensors.torch import load_file
+from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
-from accel import io
-from accel.bench import _cache_report as report
-from accel.bench._cache_harness import Bench, Journal, Settings
-from accel.bench._cache_origins import Variant, cache_dit_available
-from accel.embedded import FLUX_DIGITS_DIR
+from accel.bench._cache_anchors import (Anchor, cache_dit_anchor, cache_dit_available, diffusers_anchor,
+                                        diffusers_mag_ratios)
+from accel.calibration import Calibration, CalibrationError, check_provenance, find_markers, replace_markers
+from accel.data_files import EMBEDDED_WEIGHTS_DIR
+from accel.io import write_json, write_text
+from accel.lab.fingerprint import model_identity
+from accel.lab.job import Configuration, Job
+from accel.lab.report import format_table, markdown_table, plot_pareto
+from accel.recipe import load_recipe
+from accel.stack import SamplerPlan, Stack
 
-QUICK_SEED, FULL_SEED = 0, 1
-NOT_APPLICABLE = {"deepcache": "its deep-branch scope needs a UNet; the embedded model is a FLUX transformer"}
-CALIBRATED = {"teacache": "teacache", "magcache": "magcache"}
-
-# (preset, swept parameter, quick values, full values, fixed parameters). The "+ Taylor" rows
-# stack a Taylor forecast (order 1) on the adaptive triggers, as cache-dit's sweep adds its
-# TaylorSeer calibrator to DBCache.
+SHIPPED_CALIBRATIONS = EMBEDDED_WEIGHTS_DIR / "calibrations"
+JOURNAL = "bench-caches.trials.jsonl"  # one trials journal: variants that share trials share them
+# Quick: 10 classes x 4 samples (seed 0), the first 20 timed twice; full: 10 x 10 (seed 1), 100 timed 3 times.
+SETTINGS = {True: dict(samples_per_class=4, seed=0, timing_batch=20, timing_repeats=2),
+            False: dict(samples_per_class=10, seed=1, timing_batch=100, timing_repeats=3)}
+BASELINES = {True: {"euler": (6, 8, 12, 16), "dpmpp_2m": (5, 6, 8, 12), "unipc_bh2": (4, 5, 6, 8, 12)},
+             False: {"euler": (6, 8, 10, 12, 14, 16, 20, 25, 32), "dpmpp_2m": (4, 5, 6, 8, 10, 12, 16, 20),
+                     "unipc_bh2": (4, 5, 6, 8, 10, 12, 16, 20)}}
 TAYLOR1 = {"update": "taylor", "order": 1}
+CAL = {"coefficients": "calibrated"}
+# (preset, swept parameter, quick values, full values, fixed parameters)
 OURS = [
     ("fora", "interval", (3,), (2, 3, 4), {}),
     ("deltadit", "interval", (4,), (2, 3, 4), {}),
-    ("teacache", "threshold", (0.1, 0.2), (0.03, 0.05, 0.1, 0.15, 0.2, 0.3), {}),
-    ("teacache", "threshold", (0.2,), (0.05, 0.1, 0.15, 0.2, 0.3), TAYLOR1),
-    ("magcache", "threshold", (0.12,), (0.03, 0.06, 0.12, 0.24), {}),
-    ("magcache", "threshold", (), (0.06, 0.12, 0.24), TAYLOR1),
+    ("teacache", "threshold", (0.1, 0.2), (0.03, 0.05, 0.1, 0.15, 0.2, 0.3), CAL),
+    ("teacache", "threshold", (0.2,), (0.05, 0.1, 0.15, 0.2, 0.3), {**CAL, **TAYLOR1}),
+    ("magcache", "threshold", (0.12,), (0.03, 0.06, 0.12, 0.24), {"ratios": "calibrated"}),
+    ("magcache", "threshold", (), (0.06, 0.12, 0.24), {"ratios": "calibrated", **TAYLOR1}),
     ("fbcache", "threshold", (0.2,), (0.08, 0.12, 0.16, 0.2, 0.3), {}),
     ("fbcache", "threshold", (), (0.12, 0.2, 0.3), TAYLOR1),
     ("dbcache", "threshold", (0.2,), (0.08, 0.12, 0.16, 0.2, 0.3), {}),
     ("pab", "interval", (4,), (2, 3, 4), {}),
     ("toca", "interval", (4,), (2, 3, 4, 5), {}),
     ("taylorseer", "interval", (4, 6, 8, 10), (4, 5, 6, 7, 8, 9, 10, 12), {}),
-    ("taylorseer", "steps", ("calibrated 7", "calibrated 8", "calibrated 9"),
-     tuple(f"calibrated {k}" for k in (5, 6, 7, 8, 9, 10, 12, 14)), {"warmup": 0.0}),
-    ("taylorseer", "steps", ("calibrated 8",), ("calibrated 6", "calibrated 8", "calibrated 10"),
+    ("taylorseer", "steps", ("calibrated 8",), tuple(f"calibrated {k}" for k in (5, 6, 7, 8, 9, 10, 12, 14)),
+     {"warmup": 0.0}),
+    ("taylorseer", "steps", ("calibrated 6", "calibrated 8"), ("calibrated 6", "calibrated 8", "calibrated 10"),
      {"warmup": 0.0, "order": 2}),
-    ("taylorseer", "steps", ("calibrated 6", "calibrated 8"),
-     tuple(f"calibrated {k}" for k in (5, 6, 7, 8, 9, 10)), {"warmup": 0.0, "order": 2, "gains": "calibrated"}),
+    ("taylorseer", "steps", ("calibrated 6", "calibrated 8"), tuple(f"calibrated {k}" for k in (5, 6, 7, 8, 9, 10)),
+     {"warmup": 0.0, "order": 2, "gains": "calibrated"}),
     ("foca", "interval", (3, 4), (2, 3, 4, 5), {}),
     ("budget", "threshold", (0.3,), (0.1, 0.15, 0.2, 0.3, 0.4), {}),
 ]
-EULER_STEPS = ((8, 12, 16), (6, 8, 10, 12, 14, 16, 20, 25, 32))
-# cache-dit DBCache: (Fn, quick thresholds, full thresholds); each with and without TaylorSeer.
-# F8B0 on this 8-block model computes every block (its Fn covers the whole stack).
-CACHE_DIT = [(1, (0.2, 0.4), (0.1, 0.2, 0.3, 0.4, 0.6)), (8, (), (0.1, 0.2, 0.4))]
-# (method, swept parameter, quick values, full values, fixed parameters)
-DIFFUSERS = [
-    ("FirstBlockCache", "threshold", (0.2, 0.4), (0.05, 0.1, 0.2, 0.3, 0.4, 0.6), {}),
-    ("TaylorSeerCache", "cache_interval", (4,), (3, 5, 8), {}),
-    ("TaylorSeerCache", "cache_interval", (6, 8), (4, 5, 6, 7, 8, 9, 10, 12), {"use_lite_mode": True}),
-    ("MagCache", "threshold", (0.12,), (0.03, 0.06, 0.12, 0.24, 0.4), {}),
-    ("PyramidAttentionBroadcast", "spatial_attention_block_skip_range", (2,), (2, 3, 4), {}),
-]
+NOT_APPLICABLE = {"deepcache": "its deep-branch scope needs a UNet; the embedded model is a FLUX transformer"}
 
 
-def default_settings(quick: bool) -> Settings:
-    """Quick: 10 classes x 4 samples (seed 0), the first 20 timed twice; full: 10 x 10 (seed 1),
-    100 timed three times. The presets' defaults were tuned on other seeds (777)."""
-    if quick:
-        return Settings(model_dir=str(FLUX_DIGITS_DIR), samples_per_class=4, seed=QUICK_SEED, timing_batch=20,
-                        timing_repeats=2)
-    return Settings(model_dir=str(FLUX_DIGITS_DIR), samples_per_class=10, seed=FULL_SEED, timing_batch=100,
-                    timing_repeats=3)
+@dataclass(frozen=True)
+class Sweep:
+    """What a run measures besides the reference.
+
+    Attributes:
+        baselines: solver -> step counts of the fewer-steps line.
+        ours: (preset, parameters) of our caches.
+        anchors: `anchors(job)` -> the other projects' configurations.
+    """
+
+    baselines: dict
+    ours: list
+    anchors: Callable[[Job], list[Anchor]]
 
 
-def variants(quick: bool) -> list[Variant]:
-    """Every configuration of a run, the fewer-steps baselines first, then ours, then the anchors."""
-    pick = 0 if quick else 1
-    out = [Variant("accel", "euler-steps", {"steps": n}, steps=n) for n in EULER_STEPS[pick]]
-    for method, name, *values, fixed in OURS:
-        out += [Variant("accel", method, {name: v, **fixed}, calibrate=_calibration_of(method, name))
-                for v in values[pick]]
-    for fn_blocks, *thresholds in CACHE_DIT:
-        for taylorseer in (False, True):
-            out += [Variant("cache-dit", f"DBCache F{fn_blocks}B0",
-                            {"Fn": fn_blocks, "Bn": 0, "threshold": t, "taylorseer": taylorseer})
-                    for t in thresholds[pick]]
-    for method, name, *values, fixed in DIFFUSERS:
-        out += [Variant("diffusers", method, {name: v, **fixed},
-                        calibrate="diffusers-magcache" if method == "MagCache" else None)
-                for v in values[pick]]
+def default_sweep(quick: bool) -> Sweep:
+    return Sweep(BASELINES[quick], our_variants(quick), lambda job: anchors(job, quick))
+
+
+def bench_recipe(quick: bool, out_dir: Path, overrides: Sequence[str] = ()) -> DictConfig:
+    """The job's recipe: the embedded model, Euler at the reference's 50 steps (uniform flow times),
+    guidance 4, no cache; `overrides` (key=value) last (tests: a tiny model, fewer steps)."""
+    s = SETTINGS[quick]
+    recipe = load_recipe("embedded-demo", [
+        "name=bench-caches", f"inputs.samples_per_class={s['samples_per_class']}", f"inputs.seed={s['seed']}",
+        f"eval.timing_batch={s['timing_batch']}", f"eval.timing_repeats={s['timing_repeats']}",
+        f"output.dir={out_dir}", "calibrate.samples=10", "calibrate.seed=0", *overrides])
+    recipe.sampler.solver, recipe.sampler.steps = "euler", int(recipe.eval.reference.steps)
+    recipe.sampler.schedule = "flow"
+    for key in ("sampler.schedule_params", "sampler.solver_params"):
+        OmegaConf.update(recipe, key, {}, merge=False)
+    return recipe
+
+
+def baselines(recipe: DictConfig, counts: dict) -> list[Configuration]:
+    """Plain solvers with fewer steps (no cache): every solver's equal-FLOPs line."""
+    guidance = Stack.from_recipe(recipe).guidance
+    return [Configuration(f"{solver} {steps} steps", "equal-flops-baseline",
+                          Stack(SamplerPlan(solver, steps, "flow"), guidance=guidance), steps, guidance)
+            for solver, steps_list in counts.items() for steps in steps_list]
+
+
+def our_variants(quick: bool) -> list[tuple[str, dict]]:
+    """(preset, parameters) of every configuration of ours."""
+    return [(preset, {name: value, **fixed}) for preset, name, *values, fixed in OURS
+            for value in values[0 if quick else 1]]
+
+
+def variant_name(preset: str, params: dict) -> str:
+    """A file-safe name of a variant, e.g. `bench-caches-taylorseer-order=2,steps=calibrated_6,warmup=0.0`."""
+    items = ",".join(f"{key}={params[key]}" for key in sorted(params))
+    return f"bench-caches-{preset}-" + re.sub(r"[^A-Za-z0-9.,=_-]+", "_", items)
+
+
+def _variant_recipe(base: DictConfig, preset: str, params: dict) -> DictConfig:
+    recipe = copy.deepcopy(base)
+    recipe.cache.preset = preset
+    OmegaConf.update(recipe, "cache.params", dict(params), merge=False)
+    recipe.name = variant_name(preset, params)
+    return recipe
+
+
+def _matching(recipe: DictConfig, identity: str, files: list[Path]) -> Calibration | None:
+    """The first calibration file made for exactly this recipe's markers, settings and weights."""
+    markers = find_markers(recipe)
+    for path in files:
+        try:
+            calibration = Calibration.read(str(path))
+            check_provenance(calibration, recipe, identity)
+        except CalibrationError:
+            continue
+        if all(key in calibration.values for key in markers):
+            return calibration
+    return None
+
+
+def calibrated_variant(job: Job, recipe: DictConfig, out_dir: Path) -> tuple[DictConfig, dict]:
+    """The variant's recipe with its calibrated values in place, and {"calibration": the file they came
+    from, "calibrated": the values} ({} when nothing is marked): the bench's own file, a shipped one
+    with the same provenance, or a search now (written under `out_dir/calibrations/`)."""
+    from accel.lab.calibrate import calibrate_recipe
+
+    markers = find_markers(recipe)
+    if not markers:
+        return recipe, {}
+    own = out_dir / "calibrations" / f"{recipe.name}.json"
+    shipped = sorted(SHIPPED_CALIBRATIONS.glob("*.json")) if SHIPPED_CALIBRATIONS.is_dir() else []
+    calibration = _matching(recipe, model_identity(job.model.pipe), [own, *shipped])
+    if calibration is None:
+        calibrate_recipe(recipe, out_dir, model=job.model, journal=out_dir / "calibrations" / JOURNAL)
+        calibration = Calibration.read(str(own))
+    values = {key: calibration.values[key] for key in markers}
+    return replace_markers(recipe, values), {"calibration": calibration.path, "calibrated": values}
+
+
+def our_configs(job: Job, variants: list, out_dir: Path) -> list[tuple[Configuration, dict]]:
+    """Our presets as configurations (calibrated where marked), each with its record's extra fields."""
+    out = []
+    for preset, params in tqdm(variants, desc="calibrations", leave=False, disable=None):
+        recipe, calibrated = calibrated_variant(job, _variant_recipe(job.recipe, preset, params), out_dir)
+        shown = ", ".join(f"{k}={v}" for k, v in params.items())
+        config = Configuration.from_recipe(recipe, label=f"{preset} ({shown})", kind="stack")
+        out.append((config, {"origin": "accel", "family": "cache", "method": preset, "params": params,
+                             **calibrated}))
     return out
 
 
-def _calibration_of(method: str, name: str) -> str | None:
-    """What a variant needs calibrated: TeaCache / MagCache fits, or for `steps="calibrated K"` a
-    placement of K computed steps (caching.search_compute_steps) on the calibration seeds."""
-    return "steps" if name == "steps" else CALIBRATED.get(method)
+def anchors(job: Job, quick: bool) -> list[Anchor]:
+    """cache-dit's (when installed) and diffusers' configurations, swept as densely as ours."""
+    out: list[Anchor] = []
+    steps = int(job.recipe.sampler.steps)
+    if cache_dit_available():
+        thresholds, masks = ((0.2, 0.3, 0.4), ("medium", "fast", "ultra")) if quick else \
+            ((0.08, 0.12, 0.2, 0.3, 0.4, 0.6), ("slow", "medium", "fast", "ultra"))
+        calibrators = [("taylorseer", 1), ("taylorseer", 2), ("foca", 1)]
+        for threshold in thresholds:
+            for calibrator in [None, "taylorseer"] if quick else [None, "taylorseer", "foca"]:
+                out.append(cache_dit_anchor("DBCache F1B0", steps, threshold=threshold, calibrator=calibrator))
+        for mask in masks:
+            for calibrator, order in calibrators:
+                out.append(cache_dit_anchor(f"SCM {mask}", steps, mask_policy=mask, static=True,
+                                            calibrator=calibrator, order=order))
+        for mask in (("fast", "ultra") if quick else masks):
+            for threshold in ((0.3,) if quick else (0.12, 0.3)):
+                out.append(cache_dit_anchor(f"SCM {mask}", steps, mask_policy=mask, threshold=threshold,
+                                            calibrator="taylorseer"))
+    intervals = (4, 6, 8, 10, 12) if quick else tuple(range(4, 13))
+    out += [diffusers_anchor("TaylorSeerCache", steps, {"cache_interval": i, "use_lite_mode": True})
+            for i in intervals]
+    out += [diffusers_anchor("TaylorSeerCache", steps, {"cache_interval": i}) for i in ((4,) if quick else (3, 5, 8))]
+    out += [diffusers_anchor("FirstBlockCache", steps, {"threshold": t})
+            for t in ((0.2, 0.4) if quick else (0.05, 0.1, 0.2, 0.3, 0.4, 0.6))]
+    out += [diffusers_anchor("PyramidAttentionBroadcast", steps, {"spatial_attention_block_skip_range": r})
+            for r in ((2,) if quick else (2, 3, 4))]
+    ratios = _diffusers_mag_ratios(job)
+    out += [diffusers_anchor("MagCache", steps, {"threshold": t, "mag_ratios": ratios}, {"threshold": t})
+            for t in ((0.12,) if quick else (0.03, 0.06, 0.12, 0.24, 0.4))]
+    return out
 
 
-def _runnable(variant: Variant) -> bool:
-    return variant.origin != "cache-dit" or cache_dit_available()
+def _diffusers_mag_ratios(job: Job) -> list[float]:
+    """diffusers' own MagCache calibration, on the calibration samples (never the evaluated ones)."""
+    from accel.distributed import batch_slices
+    from accel.lab.calibrate import calibration_inputs
+    from accel.lab.generate import _call as call_pipeline
+
+    inputs = calibration_inputs(job.recipe, job.model.is_embedded)
+    guidance, steps = Stack.from_recipe(job.recipe).guidance, int(job.recipe.sampler.steps)
+    run = lambda: [call_pipeline(job.model, inputs, piece, steps, guidance)  # noqa: E731
+                   for piece in batch_slices(len(inputs), int(job.recipe.inputs.batch_size))]
+    return diffusers_mag_ratios(job.model.pipe, run, steps)
 
 
-def _reference(bench: Bench, journal: Journal, out_dir: Path) -> dict:
-    """The full-step reference record (reused with its saved images when resuming)."""
-    variant = Variant("accel", "reference", {})
-    images_path = out_dir / f"reference-{bench.fingerprint}.safetensors"
-    if variant.key in journal.done and images_path.is_file():
-        bench.reference_images = load_file(images_path)["images"]
-        return journal.done[variant.key]
-    record = bench.measure(variant)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    io.save_safetensors(images_path, {"images": bench.reference_images})
-    journal.add(record)
-    return record
+def anchor_config(anchor: Anchor, steps: int, guidance) -> Configuration:
+    """An anchor on the pipeline as loaded (its own scheduler walks the reference's steps)."""
+    return Configuration(anchor.label, "anchor", None, steps, guidance, install=anchor.install,
+                         identity=anchor.identity())
 
 
-def measure_all(bench: Bench, variant_list: list[Variant], out_dir: Path, mode: str) -> list[dict]:
-    """The reference and every runnable variant, resuming finished ones from the journal."""
-    journal = Journal(out_dir / f"caches-{mode}.jsonl", bench.fingerprint)
-    bench.reference = _reference(bench, journal, out_dir)
-    records = [bench.reference]
-    skipped = [v for v in variant_list if not _runnable(v)]
-    if skipped:
-        print(f"skipping {len(skipped)} cache-dit configurations: cache-dit is not installed "
-              "(pip install -e .[bench])")
-    todo = [v for v in variant_list if _runnable(v)]
-    bar = tqdm(todo, desc="caches", unit="config")
-    for variant in bar:
-        bar.set_postfix_str(variant.key[:60])
-        record = journal.done.get(variant.key)
-        if record is None:
-            record = bench.measure(variant)
-            journal.add(record)
-        records.append(record)
-    return records
+def best_at(records: list[dict], level: float) -> dict | None:
+    """The record with the largest FLOPs speedup among those reaching `level` dB (None: none does)."""
+    reaching = [r for r in records if r.get("psnr", 0.0) >= level]
+    return max(reaching, key=lambda r: r["flops_speedup"], default=None)
 
 
-def placements_dir(out_dir: Path, settings: Settings) -> Path:
-    """Where the run saves new placement and gains searches: the shipped layout under the output folder."""
-    return Path(out_dir) / "calibrations" / Path(settings.model_dir).name / "cache-schedules"
+def level_rows(records: list[dict], levels=range(25, 41)) -> list[dict]:
+    """Per PSNR level, the best FLOPs speedup of ours, of the best anchor and of the fewer-steps line."""
+    groups = {"ours": [r for r in records if r.get("origin") == "accel"],
+              "anchor": [r for r in records if r.get("kind") == "anchor"],
+              "baseline": [r for r in records if r.get("kind") == "equal-flops-baseline"]}
+    rows = []
+    for level in levels:
+        row: dict = {"psnr": level}
+        for name, members in groups.items():
+            best = best_at(members, level)
+            row[name] = best["flops_speedup"] if best else 1.0
+            row[f"{name}_label"] = best["label"] if best else "reference"
+        row["flops_ratio"] = row["anchor"] / row["ours"]
+        rows.append(row)
+    return rows
 
 
-def _quiet_anchor_logs() -> None:
-    logging.getLogger("CACHE_DIT").setLevel(logging.ERROR)
-    logging.getLogger("caching").setLevel(logging.ERROR)
+def levels_markdown(rows: list[dict]) -> str:
+    lines = ["| PSNR >= | ours | best anchor | best fewer-steps solver | FLOPs ours / anchor |",
+             "|---|---|---|---|---|"]
+    for row in rows:
+        lines.append(f"| {row['psnr']} dB | {row['ours']:.2f}x ({row['ours_label']}) | {row['anchor']:.2f}x "
+                     f"({row['anchor_label']}) | {row['baseline']:.2f}x ({row['baseline_label']}) | "
+                     f"{row['flops_ratio']:.2f} |")
+    return "\n".join(lines)
 
 
-def run(quick: bool, json_path: Path | None, out_dir: Path, *, settings: Settings | None = None,
-        variant_list: list[Variant] | None = None, evaluator=None) -> list[dict]:
-    """Runs the benchmark; returns the records (the reference first).
+def run(quick: bool, json_path: Path | None, out_dir: Path, *, overrides: Sequence[str] = (),
+        sweep: Sweep | None = None) -> list[dict]:
+    """Runs (or resumes) the benchmark; returns the records, the reference first.
 
     Args:
-        quick: the shortened sweep (under 20 minutes on 2 CPU cores).
-        json_path: where to write the records as JSON (besides out_dir/caches.json).
-        out_dir: folder for the journal, JSON, tables and plot.
-        settings: override the quick / full settings (tests use a tiny model).
-        variant_list: override the configurations.
-        evaluator: override the quality evaluator (tests).
+        quick: the shortened sweep.
+        json_path: also write the records there.
+        out_dir: the job's folder (records, images, calibrations, outputs).
+        overrides: recipe overrides of the job (tests: a tiny model).
+        sweep: what to measure (default: the quick or full sweep).
     """
-    started = time.perf_counter()
-    _quiet_anchor_logs()
-    out_dir = Path(out_dir)
-    settings = settings or default_settings(quick)
-    variant_list = variants(quick) if variant_list is None else variant_list
-    mode = "quick" if quick else "full"
-    bench = Bench(settings, evaluator, placements_dir=placements_dir(out_dir, settings))
-    print(f"accel bench caches ({mode}): {len(bench.labels)} samples (seed {settings.seed}), "
-          f"{settings.reference_steps}-step Euler "
-          f"reference, guidance {settings.guidance}, {torch.get_num_threads()} threads, model {bench.hash}")
+    out_dir, mode = Path(out_dir), "quick" if quick else "full"
+    sweep = sweep or default_sweep(quick)
+    job = Job.open(bench_recipe(quick, out_dir, overrides), "accel bench caches", folder=out_dir)
+    guidance, steps = Stack.from_recipe(job.recipe).guidance, int(job.recipe.sampler.steps)
+    print(f"accel bench caches ({mode}): {len(job.inputs)} samples (seed {job.recipe.inputs.seed}), {steps}-step "
+          f"Euler reference, guidance {guidance.scale}, model {job.model.weights_hash}", flush=True)
     for name, why in NOT_APPLICABLE.items():
         print(f"not run: {name} ({why})")
-    records = measure_all(bench, variant_list, out_dir, mode)
-    elapsed = time.perf_counter() - started
-    _write_outputs(records, json_path, out_dir, settings, mode, elapsed)
+    if not cache_dit_available():
+        print("skipping cache-dit's configurations: cache-dit is not installed (pip install 'accel-stack[bench]')")
+    entries = [(config, {"origin": "baseline", "family": "sampler", "method": config.stack.sampler.solver,
+                         "params": {"steps": config.steps}}) for config in baselines(job.recipe, sweep.baselines)]
+    entries += our_configs(job, sweep.ours, out_dir)
+    entries += [(anchor_config(a, steps, guidance), {"origin": a.origin, "family": "anchor", "method": a.method,
+                                                     "params": a.params}) for a in sweep.anchors(job)]
+    job.check([config for config, _ in entries])
+    reference, ref_images = job.reference()
+    job.report_resumption([config for config, _ in entries])
+    records = [{**reference, "flops_speedup": 1.0, "wall_speedup": 1.0, **job.evaluator(ref_images, ref_images),
+                "origin": "reference", "family": "reference", "method": "reference", "params": {}}]
+    for config, extra in tqdm(entries, desc="caches", unit="config", disable=None):
+        record, _ = job.measure(config)
+        records.append({**record, **extra})
+    write_outputs(records, out_dir, f"{mode}, {len(job.inputs)} samples", json_path)
     return records
 
 
-def _write_outputs(records: list[dict], json_path: Path | None, out_dir: Path, settings: Settings,
-                   mode: str, elapsed: float) -> None:
-    """Prints the Pareto table, the per-level comparison and the targets; writes JSON, markdown, plot."""
-    print()
-    print(report.format_table(report.table_rows(records)))
-    print()
-    print(report.format_levels(records))
-    targets = report.check_targets(records)
-    print("\ntargets:")
-    for target in targets:
-        print(f"  [{'met' if target['met'] else 'MISSED'}] {target['target']}: {target['detail']}")
-    report.write_json(records, [out_dir / "caches.json"] + ([Path(json_path)] if json_path else []))
-    title = f"accel bench caches ({mode}, {len(settings.classes) * settings.samples_per_class} samples)"
-    report.plot(records, out_dir / "caches.png", title)
-    io.write_text(
-        out_dir / "caches.md",
-        f"# {title}\n\n## Pareto frontiers\n\n{report.markdown(report.table_rows(records, True))}\n\n"
-        f"## All configurations\n\n{report.markdown(report.table_rows(records))}\n\n## Targets\n\n"
-        + "\n".join(f"- {'met' if t['met'] else 'MISSED'}: {t['target']}: {t['detail']}" for t in targets)
-        + f"\n\n```\n{report.format_levels(records)}\n```\n")
-    print(f"\nwrote {out_dir}/caches.json, caches.md, caches.png"
-          + (f" and {json_path}" if json_path else ""))
-    print(f"time taken: {elapsed / 60:.1f} min")
+def write_outputs(records: list[dict], out_dir: Path, what: str, json_path: Path | None) -> None:
+    """caches.json, caches.md (table and levels), caches.png; prints the table and the levels."""
+    slim = [{k: v for k, v in r.items() if k not in ("determined_by", "stack", "last_call")} for r in records]
+    for path in [out_dir / "caches.json"] + ([Path(json_path)] if json_path else []):
+        write_json(path, slim, indent=1, default=str)
+    ordered = sorted(records, key=lambda r: (["reference", "sampler", "cache", "anchor"].index(r["family"]),
+                                             r["flops_speedup"]))
+    rows = level_rows(records)
+    title = f"accel bench caches ({what})"
+    plot_pareto(out_dir / "caches.png", records, title)
+    write_text(out_dir / "caches.md", f"# {title}\n\n{markdown_table(ordered)}\n\n## Best FLOPs speedup reaching "
+                                      f"each PSNR level\n\n{levels_markdown(rows)}\n")
+    print(format_table(ordered))
+    print("\n" + levels_markdown(rows))
+    print(f"\nwrote {out_dir}/caches.json, caches.md, caches.png" + (f" and {json_path}" if json_path else ""))

@@ -56,24 +56,64 @@ def differing_keys(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
     return sorted(key for key in set(a) | set(b) if canonical(a.get(key)) != canonical(b.get(key)))
 
 
-def module_identity(module: Any, sample_bytes: int = 4096) -> str:
-    """A fast identity of a model's weights, computed from the module in memory: every tensor's
-    name, shape and dtype, and the first and last `sample_bytes` bytes of its data.
+IDENTITY_DENOISERS = ("transformer", "transformer_2", "unet")
+IDENTITY_SAMPLES = 64  # elements read from every tensor
 
-    Used where a result depends on the weights but only the loaded pipeline is at hand (a
-    calibration file or an adapter checked by `accel.apply`); hashing every byte of a 12B model at
-    each apply would take minutes, and a retrained or other model differs in these samples.
+
+def _hash_module(digest: Any, module: Any) -> None:
+    """Feed a module's weights identity into `digest`: every tensor's name, shape and dtype, and the
+    bytes of `IDENTITY_SAMPLES` elements at fixed, evenly spaced positions (first and last included)."""
+    import torch
+
+    for name, tensor in sorted(module.state_dict().items()):
+        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
+        if tensor.numel() == 0 or tensor.device.type == "meta":
+            continue
+        flat = tensor.detach().reshape(-1)
+        picks = torch.linspace(0, flat.numel() - 1, min(IDENTITY_SAMPLES, flat.numel()), device=flat.device)
+        sample = flat[picks.round().long()].cpu().contiguous()
+        digest.update(sample.view(torch.uint8).numpy().tobytes())
+
+
+def module_identity(module: Any) -> str:
+    """A fast identity of one model's weights, computed from the module in memory (no files).
+
+    Used where a result depends on the weights but only the loaded module is at hand (an adapter's
+    base model, checked by `accel.apply`); hashing every byte of a 12B model at each apply would take
+    minutes, and a retrained or other model differs in the sampled elements. Device does not matter.
+    """
+    digest = hashlib.sha256()
+    _hash_module(digest, module)
+    return digest.hexdigest()[:FINGERPRINT_LENGTH]
+
+
+def model_identity(pipe) -> str:
+    """A hash of a pipeline's denoiser weights, computed from the loaded modules (no files).
+
+    Every denoiser (`transformer`, Wan 2.2's `transformer_2`, `unet`) contributes its attribute
+    name and its tensors as in `module_identity`, so a different checkpoint, dtype or fine-tune is
+    told apart in milliseconds. `accel calibrate` records it and `accel.apply` / the lab compare it.
+
+    Args:
+        pipe: a diffusers pipeline (or anything with those attributes).
+
+    Returns:
+        A short hex hash.
+
+    Raises:
+        ValueError: the pipeline has no denoiser.
     """
     import torch
 
     digest = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
-        digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype}".encode())
-        flat = tensor.detach().reshape(-1)
-        if flat.numel() == 0:
+    found = False
+    for attribute in IDENTITY_DENOISERS:
+        module = getattr(pipe, attribute, None)
+        if not isinstance(module, torch.nn.Module):
             continue
-        raw = flat.view(torch.uint8) if flat.dtype != torch.bool else flat.to(torch.uint8)
-        head, tail = raw[:sample_bytes], raw[-sample_bytes:]
-        digest.update(head.cpu().numpy().tobytes())
-        digest.update(tail.cpu().numpy().tobytes())
+        found = True
+        digest.update(attribute.encode())
+        _hash_module(digest, module)
+    if not found:
+        raise ValueError(f"{type(pipe).__name__} has no transformer or unet to identify")
     return digest.hexdigest()[:FINGERPRINT_LENGTH]

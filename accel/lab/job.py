@@ -23,6 +23,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 import accel
+from accel.calibration import calibrated_recipe
 from accel.distributed import is_main_process, process_state, wait_for_everyone
 from accel.lab.evaluate import Evaluator
 from accel.lab.fingerprint import code_versions, fingerprint
@@ -116,6 +117,7 @@ class Job:
             claim_folder(folder, command)
         wait_for_everyone()
         model = load_model(recipe.model)
+        recipe = calibrated_recipe(recipe, model.pipe)  # a calibration file must fit these weights
         inputs = build_inputs(recipe.inputs, model.is_embedded)
         return cls(recipe, model, inputs, folder, RecordStore(folder, process_state().process_index))
 

@@ -147,12 +147,15 @@ def merge_on_schema(schema_class: type, *parts: DictConfig) -> DictConfig:
         raise RecipeError(_describe(error, schema)) from None
 
 
-def load_recipe(name_or_path: str | None = None, overrides: list[str] | None = None) -> DictConfig:
+def load_recipe(name_or_path: str | None = None, overrides: list[str] | None = None, *,
+                calibrated: bool = True) -> DictConfig:
     """Loads, merges and validates a recipe.
 
     Args:
         name_or_path: a YAML file, a shipped recipe name, or None for the default recipe.
         overrides: `key=value` strings applied last.
+        calibrated: replace the recipe's `calibrated` markers by its calibration file's values
+            (`accel.calibration.calibrated_recipe`); False keeps them (`accel calibrate`).
 
     Returns:
         The validated recipe as a structured DictConfig (typed by `Recipe`).
@@ -168,6 +171,10 @@ def load_recipe(name_or_path: str | None = None, overrides: list[str] | None = N
     from accel.recipe.validate import validate_recipe
 
     validate_recipe(recipe)
+    if calibrated:
+        from accel.calibration import calibrated_recipe
+
+        recipe = calibrated_recipe(recipe)
     return recipe
 
 

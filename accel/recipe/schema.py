@@ -118,6 +118,16 @@ class AblationConfig:
 
 
 @dataclass
+class CalibrateConfig:
+    """What `accel calibrate` searches on: samples that are never evaluated."""
+
+    samples: int = 10  # calibration samples (the prompts or classes cycled)
+    seed: int = 0  # base seed, offset by 7,777,777 so no calibration seed is an evaluated one
+    prompts: list[str] = field(default_factory=list)  # text pipelines: calibration prompts (default: inputs')
+    prompt_file: Optional[str] = None  # text pipelines: a file of calibration prompts, one a line
+
+
+@dataclass
 class Recipe:
     """A whole stack and how to measure it."""
 
@@ -132,3 +142,4 @@ class Recipe:
     eval: EvalConfig = field(default_factory=EvalConfig)
     output: OutputConfig = field(default_factory=OutputConfig)
     ablation: AblationConfig = field(default_factory=AblationConfig)
+    calibrate: CalibrateConfig = field(default_factory=CalibrateConfig)

@@ -13,6 +13,8 @@ from pathlib import Path
 from omegaconf import DictConfig, OmegaConf
 
 import samplers
+from accel.calibration import CalibrationError, check_markers, is_marker, marker_budget
+from accel.lab.inputs import CALIBRATION_SEED_OFFSET
 from accel.recipe import content
 from accel.data_files import DataFileError, resolve_data_file
 from accel.recipe.load import RecipeError
@@ -124,6 +126,8 @@ def _check_sampling(prefix: str, section: DictConfig, family: str | None) -> Non
     if family is None or section.schedule == "auto":  # the resolver checks the fit against the real pipeline
         return
     params = dict(section.schedule_params)
+    if is_marker(params.get("path")) or is_marker(section.solver_params.get("compensation")):
+        return  # searched by `accel calibrate`; the searched walk is checked when the calibration loads
     if section.schedule == "optimized" and params.get("path"):
         params["path"] = _data_file(f"{prefix}.schedule_params.path", params["path"], "optimised schedule",
                                     "make it with `accel bench samplers` or samplers.optimized.optimize_schedule")
@@ -239,7 +243,7 @@ def _check_cache(cache: DictConfig) -> None:
     from omegaconf import OmegaConf
 
     _choice("cache.preset", cache.preset, caching.list_presets())
-    params = OmegaConf.to_container(cache.params)
+    params = _without_markers(OmegaConf.to_container(cache.params))
     if cache.preset == "router" and params.get("path"):
         params["path"] = _data_file("cache.params.path", params["path"], "router file",
                                     "train one with `accel train train/router`")
@@ -247,6 +251,34 @@ def _check_cache(cache: DictConfig) -> None:
         caching.get_preset(cache.preset, **params)
     except (TypeError, ValueError) as error:
         raise RecipeError(f"cache.params: {error}".splitlines()[0]) from None
+
+
+def _without_markers(params: dict) -> dict:
+    """Cache parameters with `calibrated` markers set to what the preset accepts in their place: K
+    evenly spaced computed steps for "calibrated K", the preset's default for the rest."""
+    checked = {}
+    for key, value in params.items():
+        if not is_marker(value):
+            checked[key] = value
+        elif key == "steps" and marker_budget(f"cache.params.{key}", value):
+            budget = marker_budget(f"cache.params.{key}", value)
+            checked[key] = [i / budget for i in range(budget)]
+    return checked
+
+
+def _check_calibrate(recipe: DictConfig) -> None:
+    section = recipe.calibrate
+    _between("calibrate.samples", section.samples, 1, MAX_SAMPLES)
+    _between("calibrate.seed", section.seed, 0, MAX_SEED)
+    if section.prompt_file is not None and not Path(str(section.prompt_file)).is_file():
+        raise RecipeError(f"calibrate.prompt_file: no file at {str(section.prompt_file)!r}")
+    if recipe.inputs.seed == section.seed + CALIBRATION_SEED_OFFSET:
+        raise RecipeError(f"inputs.seed: {recipe.inputs.seed} is the calibration seed (calibrate.seed + "
+                          f"{CALIBRATION_SEED_OFFSET}); evaluate on other seeds")
+    try:
+        check_markers(recipe)
+    except CalibrationError as error:
+        raise RecipeError(str(error)) from None
 
 
 GUIDANCE_AXES = ("guidance.uncond_interval", "guidance.distilled", "guidance.scale")
@@ -299,14 +331,12 @@ def validate_recipe(recipe: DictConfig) -> None:
     if not is_embedded(recipe.model) and any(m in ("fd", "accuracy") for m in recipe.eval.metrics):
         raise RecipeError("eval.metrics: fd and accuracy need the embedded digit models' judge; for your pipeline "
                           "use psnr, ssim, lpips, clip_score or image_reward")
-    if recipe.get("calibration"):
-        _data_file("calibration", recipe.calibration, "calibration file",
-                   "make it with `accel calibrate` (it writes calibrations/<recipe name>.json)")
     _check_adapters(recipe.adapters)
     if recipe.guidance.scale < 1.0:
         raise RecipeError(f"guidance.scale: {recipe.guidance.scale} must be >= 1 (1 disables CFG)")
     _between("guidance.uncond_interval", recipe.guidance.uncond_interval, 1, MAX_STEPS)
     if recipe.guidance.distilled and recipe.guidance.scale != 1.0:
         raise RecipeError("guidance.scale: a guidance-distilled model has no uncond pass; set guidance.scale=1")
+    _check_calibrate(recipe)
     _check_cache(recipe.cache)
     _check_ablation(recipe.ablation, recipe.eval.reference.get("guidance_scale"))
