@@ -84,6 +84,12 @@ def test_rows_skips_outputs_native_equality_and_resume(folders, tmp_path, capsys
 
     monkeypatch.setattr(lab_job, "generate_counted", lambda *a, **k: pytest.fail("a stored record was measured again"))
     monkeypatch.setattr(lab_job, "time_generation", lambda *a, **k: 1.0)  # the cached reference is timed anew
+
+    def no_pickle(*args, **kwargs):
+        raise AssertionError("torch.save / torch.load must not be used")
+
+    monkeypatch.setattr(torch, "save", no_pickle)  # records, images, walks and models: JSON and safetensors only
+    monkeypatch.setattr(torch, "load", no_pickle)
     again = bench.run(True, None, out, settings=_settings(folders))
     assert again == rows
 
