@@ -71,8 +71,7 @@ def test_a_torn_last_line_is_skipped_with_a_message_and_appends_continue(tmp_pat
     assert io.read_jsonl(path) == [{"key": "a"}, {"key": "c"}]
 
 
-def test_journals_of_ablate_and_benches_skip_torn_lines(tmp_path, capsys):
-    from accel.bench._samplers_report import RecordStore
+def test_the_record_store_skips_a_torn_last_line(tmp_path, capsys):
     from accel.lab.records import RecordStore as LabRecords
 
     store = LabRecords(tmp_path / "abl")
@@ -82,10 +81,6 @@ def test_journals_of_ablate_and_benches_skip_torn_lines(tmp_path, capsys):
     reopened = LabRecords(tmp_path / "abl")
     assert list(reopened.records()) == ["k1"] and "records.rank0.jsonl" in capsys.readouterr().err
     assert reopened.get("k1")["psnr"] == 30.0 and reopened.images("k1").shape == (1, 1, 2, 2)
-    records = tmp_path / "samplers-records-flux-digits.jsonl"
-    record = {"signature": "sig", "model": "m", "origin": "o", "solver": "s", "schedule": "f", "nfe": 4}
-    records.write_text(json.dumps(record) + "\n" + json.dumps(record)[:20])
-    assert RecordStore(records).get("sig", "m|o|s|f|4") == record and str(records) in capsys.readouterr().err
 
 
 def test_a_folder_belongs_to_the_command_that_wrote_it(tmp_path):
@@ -95,26 +90,3 @@ def test_a_folder_belongs_to_the_command_that_wrote_it(tmp_path):
     with pytest.raises(io.FolderClaimedError, match="holds the results of `accel ablate`; `accel run` will not"):
         io.claim_folder(folder, "accel run")
     assert (folder / io.MARKER).read_text() == "accel ablate\n"
-
-
-def test_samplers_bench_caches_reference_images_as_safetensors_only(tmp_path, monkeypatch):
-    from accel.bench import samplers as bench
-    from accel.bench._samplers_models import Reference, flow_subject
-    from accel.embedded import build_flux_digits
-
-    subject = flow_subject(build_flux_digits(seed=0, num_layers=1, num_single_layers=1, attention_head_dim=8,
-                                             axes_dims_rope=(2, 2, 4)).eval(), tmp_path / "schedules")
-    subject.reference = Reference("euler", 2, "flow")
-    settings = bench.Settings(samples=2, batch_size=2)
-    noise, labels = bench._inputs(subject, settings)
-
-    def no_pickle(*args, **kwargs):
-        raise AssertionError("torch.save / torch.load must not be used")
-
-    monkeypatch.setattr(torch, "save", no_pickle)
-    monkeypatch.setattr(torch, "load", no_pickle)
-    first = bench._reference(subject, settings, noise, labels, tmp_path / "out")
-    [cached] = (tmp_path / "out").iterdir()
-    assert cached.suffix == ".safetensors" and torch.equal(load_file(cached)["images"], first)
-    monkeypatch.setattr(bench, "sample_reference", lambda *a: pytest.fail("the cached reference was not reused"))
-    assert torch.equal(bench._reference(subject, settings, noise, labels, tmp_path / "out"), first)

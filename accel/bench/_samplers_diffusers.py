@@ -1,23 +1,34 @@
-"""diffusers' own schedulers on the embedded models, driven by a small pipeline-like loop.
+"""diffusers' own schedulers as anchors of the samplers benchmark, installed in the model's pipeline.
 
-Each `DiffusersConfig` builds one scheduler (a class and its config) and the arguments of its
-`set_timesteps`; `sample_diffusers` runs set_timesteps / scale_model_input / step around the
-model's guided prediction, as a pipeline does, with no pipeline. A scheduler meets an NFE budget
-with the step count whose timesteps number exactly that budget (FlowMatchHeun spends 2N - 1).
+Each `DiffusersConfig` is one scheduler setting: a class, its config (betas added for VP models)
+and how the diffusers pipeline it comes from calls `set_timesteps` (SD3 and SD: the step count;
+FLUX: `sigmas = linspace(1, 1/N, N)` and `mu` from the image size). `anchor_configuration` makes it
+a lab `Configuration` whose `install` swaps `pipe.scheduler` for that scheduler while the
+configuration runs and puts the pipeline's own back afterwards; the pipeline's loop
+(`set_timesteps`, `scale_model_input`, the model at the scheduler's timestep, `step`) does the rest.
+A scheduler meets an NFE budget with the step count whose timesteps number exactly that budget
+(FlowMatchHeun spends 2N - 1).
+
+DPMSolverMultistep and UniPCMultistep with flow sigmas truncate their timesteps to integers; the
+flow model is given the exact time of each level instead (their `sigmas`), which only helps them.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import math
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Any, Iterator
 
 import numpy as np
 import torch
 from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler,
                        FlowMatchEulerDiscreteScheduler, FlowMatchHeunDiscreteScheduler, UniPCMultistepScheduler)
 
-from accel.bench._samplers_models import FLOW_IMAGE_SEQ_LEN, BenchModel
+from accel.bench._samplers_models import FLOW_IMAGE_SEQ_LEN, BETA_KEYS
+from accel.lab.job import Configuration
+from accel.stack import GuidancePlan
 from samplers import flux_mu
 
 FLUX_MU = flux_mu(FLOW_IMAGE_SEQ_LEN)  # FluxPipeline's calculate_shift for 64 image tokens
@@ -35,7 +46,7 @@ class DiffusersConfig:
         schedule: a short name of its sigma/timestep setting (the records' `schedule`).
         cls: the scheduler class.
         config: keyword arguments of the class (betas are added for VP models).
-        flux_sigmas: pass FluxPipeline's sigmas (linspace(1, 1/N, N)) and mu to set_timesteps.
+        flux_sigmas: called as FluxPipeline calls it (its sigmas and mu), else with the step count.
     """
 
     solver: str
@@ -44,15 +55,30 @@ class DiffusersConfig:
     config: dict = field(default_factory=dict)
     flux_sigmas: bool = False
 
-    def build(self, betas: dict | None) -> object:
+    @property
+    def exact_flow_time(self) -> bool:
+        """Whether the model gets each level's exact flow time instead of the integer timestep."""
+        return bool(self.config.get("use_flow_sigmas"))
+
+    def build(self, betas: dict | None) -> Any:
         return self.cls(**{**(betas or {}), **self.config})
 
-    def set_timesteps(self, scheduler, num_steps: int) -> None:
+    def set_timesteps(self, scheduler: Any, num_steps: int, device: Any = None) -> None:
+        """Calls the scheduler's own set_timesteps as the pipeline this setting comes from does."""
+        native = type(scheduler).set_timesteps
         if self.flux_sigmas:
-            sigmas = np.linspace(1.0, 1 / num_steps, num_steps)
-            scheduler.set_timesteps(sigmas=sigmas, mu=FLUX_MU)
+            native(scheduler, sigmas=np.linspace(1.0, 1 / num_steps, num_steps), mu=FLUX_MU, device=device)
         else:
-            scheduler.set_timesteps(num_steps)
+            native(scheduler, num_steps, device=device)
+        if self.exact_flow_time:
+            scheduler.timesteps = (scheduler.sigmas[:-1] * scheduler.config.num_train_timesteps).to(
+                device=scheduler.timesteps.device, dtype=torch.float32)
+
+    def describe(self) -> dict:
+        """JSON-ready identity (part of the record's fingerprint)."""
+        return {"scheduler": self.cls.__name__, "config": self.config,
+                "set_timesteps": "FluxPipeline's sigmas and mu" if self.flux_sigmas else "the step count",
+                "exact_flow_time": self.exact_flow_time}
 
 
 def _flow_multistep(cls: type, name: str) -> list[DiffusersConfig]:
@@ -93,6 +119,11 @@ def epsilon_configs() -> list[DiffusersConfig]:
     return configs
 
 
+def configs_for(family: str) -> list[DiffusersConfig]:
+    """The anchors of a model family ("flow" or "vp")."""
+    return flow_configs() if family == "flow" else epsilon_configs()
+
+
 def steps_for_nfe(config: DiffusersConfig, nfe: int, betas: dict | None) -> int:
     """The step count whose timesteps number exactly `nfe`, or ValueError naming the reachable ones."""
     reachable = {}
@@ -107,39 +138,37 @@ def steps_for_nfe(config: DiffusersConfig, nfe: int, betas: dict | None) -> int:
                      f"{', '.join(map(str, sorted(near)))})")
 
 
-@torch.no_grad()
-def _run_batch(config: DiffusersConfig, subject: BenchModel, betas: dict | None, steps: int,
-               noise: torch.Tensor, labels: torch.Tensor,
-               count: Callable[[], None] | None) -> torch.Tensor:
+def anchored_scheduler(config: DiffusersConfig, betas: dict | None) -> Any:
+    """The scheduler of `config`, whose set_timesteps (called by the pipeline) follows the setting's own
+    pipeline convention, whatever arguments the pipeline passes."""
     scheduler = config.build(betas)
-    config.set_timesteps(scheduler, steps)
-    x = noise * getattr(scheduler, "init_noise_sigma", 1.0)
-    for index, timestep in enumerate(scheduler.timesteps):
-        model_input = scheduler.scale_model_input(x, timestep) if hasattr(scheduler, "scale_model_input") else x
-        sigma = scheduler.sigmas[index] if hasattr(scheduler, "sigmas") else torch.tensor(float("nan"))
-        prediction = subject.diffusers_call(model_input, timestep, sigma, labels)
-        if count is not None:
-            count()
-        x = scheduler.step(prediction, timestep, x, return_dict=False)[0]
-    return x
+
+    def set_timesteps(num_inference_steps: int | None = None, device: Any = None, **ignored: Any) -> None:
+        config.set_timesteps(scheduler, num_inference_steps, device)
+
+    scheduler.set_timesteps = set_timesteps
+    return scheduler
 
 
-def sample_diffusers(config: DiffusersConfig, subject: BenchModel, betas: dict | None, nfe: int,
-                     noise: torch.Tensor, labels: torch.Tensor, batch_size: int,
-                     count: Callable[[], None] | None = None) -> torch.Tensor:
-    """Samples (N, C, H, W) with a diffusers scheduler at exactly `nfe` evaluations per branch.
+@contextlib.contextmanager
+def installed(config: DiffusersConfig, pipe: Any) -> Iterator[None]:
+    """Swaps `pipe.scheduler` for the anchor's (on the pipeline's own betas) and restores it after."""
+    own = pipe.scheduler
+    betas = {key: own.config[key] for key in BETA_KEYS} if "beta_start" in own.config else None
+    pipe.scheduler = anchored_scheduler(config, betas)
+    try:
+        yield
+    finally:
+        pipe.scheduler = own
 
-    Args:
-        config: the scheduler setting.
-        subject: the model (its `diffusers_call` gives the guided raw prediction).
-        betas: the model's DDPM betas (VP models), None for flow models.
-        nfe: model-evaluation budget per guidance branch.
-        noise: (N, C, H, W) standard normal noise; x starts as noise * init_noise_sigma (1 for flow schedulers).
-        labels: (N,) class labels.
-        batch_size: samples per loop.
-        count: called once per evaluation (tests count NFE with it).
+
+def anchor_configuration(config: DiffusersConfig, nfe: int, betas: dict | None, guidance: float) -> Configuration:
+    """The lab configuration of one anchor at exactly `nfe` evaluations per guidance branch.
+
+    Raises:
+        ValueError: the scheduler cannot spend exactly `nfe` evaluations.
     """
     steps = steps_for_nfe(config, nfe, betas)
-    return torch.cat([_run_batch(config, subject, betas, steps, noise[start:start + batch_size],
-                                 labels[start:start + batch_size], count)
-                      for start in range(0, noise.shape[0], batch_size)])
+    return Configuration(f"diffusers {config.solver}/{config.schedule} NFE {nfe}", "anchor", None, steps,
+                         GuidancePlan(guidance), install=functools.partial(installed, config),
+                         identity=config.describe())

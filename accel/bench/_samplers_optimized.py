@@ -1,5 +1,6 @@
 """Optimised schedules for the samplers benchmark: calibrated once per (model weights, solver, NFE)
-on calibration seeds disjoint from the evaluation seeds, saved under the bench's output folder
+on calibration seeds disjoint from the evaluation seeds (searched natively on the model's modules,
+measured by the bench through the pipeline), saved under the bench's output folder
 (`<out>/calibrations/<model>/schedules/`), then reused.
 
 The search (`samplers.optimized.optimize_schedule`) is a local one, so it runs from each of our
@@ -29,8 +30,8 @@ from typing import Callable
 import torch
 
 import samplers
-from accel.bench._samplers_models import BenchModel, Reference, sample_ours
-from accel.generate import sample_noise
+from accel.bench._samplers_models import BenchModel, Reference
+from accel.lab.inputs import sample_seed
 from samplers.optimized import optimize_schedule
 from samplers.schedules import OptimizedSchedule
 
@@ -67,6 +68,25 @@ class Calibration:
         spec = samplers.get_solver(self.reference_solver)
         return Reference(self.reference_solver, spec.steps_for_nfe(self.reference_nfe), subject.reference.schedule,
                          subject.reference.options)
+
+
+def walk_digest(path: Path) -> str:
+    """A short hash of a saved walk file (a record made with another walk is not reused)."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
+
+
+def calibration_noise(seed: int, count: int, shape: tuple[int, ...]) -> torch.Tensor:
+    """(count, *shape) noise of the calibration samples, sample i from its own seed (`sample_seed`)."""
+    return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(sample_seed(seed, i)))
+                        for i in range(count)])
+
+
+@torch.no_grad()
+def sample_native(subject: BenchModel, reference: Reference, noise: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Samples (N, C, H, W) natively (`samplers.sample`) with the reference's solver, steps and schedule."""
+    return samplers.sample(subject.denoiser, noise, solver=reference.solver, steps=reference.steps,
+                           schedule=reference.schedule, schedule_options=dict(reference.options),
+                           cond={"labels": labels})
 
 
 class Calibrator:
@@ -123,22 +143,16 @@ class Calibrator:
         made = stored.reference.get("bench", {})
         return made == self.provenance() and stored.solver == solver and stored.nfe == nfe
 
-    def digest(self, solver: str, nfe: int) -> str | None:
-        """A short hash of the saved schedule that fits (records made with another are stale), or None."""
-        path = self.existing(solver, nfe)
-        return None if path is None else hashlib.sha256(path.read_bytes()).hexdigest()[:12]
-
     def inputs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(noise, labels, reference) of the calibration set, computed once."""
         if self._inputs is None:
             count = self.calibration.samples
             labels = torch.arange(count) % 10
-            noise = sample_noise(self.calibration.seed, range(count), self.subject.shape)
+            noise = calibration_noise(self.calibration.seed, count, self.subject.shape)
             ref = self.calibration.reference(self.subject)
             self.log(f"{self.subject.name}: calibration reference ({ref.describe()}, "
                      f"{count} samples, seed {self.calibration.seed})")
-            images = sample_ours(self.subject, ref.solver, None, ref.schedule, ref.options, noise, labels, count,
-                                 steps=ref.steps)
+            images = sample_native(self.subject, ref, noise, labels)
             self._inputs = noise, labels, images
         return self._inputs
 

@@ -1,48 +1,53 @@
-"""`accel bench distill [--quick] [--json PATH]`: the shipped adapters and router against plain
-solvers and caches, in one run on the embedded flow model.
+"""`accel bench distill [--quick] [--json PATH] [--out DIR]`: the shipped adapters and router against
+plain solvers, caches and the fewer-steps baseline, in one lab job on the embedded flow model.
 
-Every configuration samples the same seeded noise and labels, through the same code as `accel
-run` (recipes with overrides, adapters loaded with diffusers' LoRA loader, caches installed by
-the resolver), and is measured against the 50-step Euler reference with guidance 4 of the same
-seeds: FLOPs counted by torch (`flops_speedup` = reference FLOPs / FLOPs), PSNR, SSIM, FD to real
-digits in the judge's features and the judge's accuracy. Records carry `nfe` (solver evaluations
-per guidance branch), `model_calls` (NFE times the guidance passes), `cache` (a preset name or
-null) and `adapter` (null, "step", "cache-aware" or "router").
+Every configuration is a lab `Configuration` built from the `embedded-demo` recipe with overrides
+(adapters loaded by `accel.apply` with the pipeline's `load_lora_weights`, caches and CFG reuse
+installed by the resolver), generated through `FluxDigitsPipeline` on the same seeds, scored by the
+lab's `Evaluator` against the 50-step Euler reference with guidance 4 (FLOPs counted by torch,
+PSNR, SSIM, FD to real digits in the judge's features, the judge's accuracy) and kept in the job's
+`RecordStore` under its fingerprint (the adapter and router files' hashes included), so a rerun
+measures only what changed. The fewer-steps baseline (DPM-Solver++(2M) and UniPC on the model's own
+walk at 2-25 steps, with CFG) is measured in the same run; every stack is compared with the best
+baseline spending no more FLOPs (`beats_equal_flops_baseline`), and the Pareto plot shows the
+baseline as the frontier.
 
-The shipped adapters (`embedded:adapters/<name>`, in the package's accel/embedded/weights/adapters/,
-trained by `accel train train/...`) are named in the overrides like any recipe's; a missing one is
-skipped with a note. Outputs under out_dir: distill.json, distill.md,
-distill.png (FLOPs speedup vs PSNR) and distill-<mode>.jsonl (finished records a rerun skips).
+Rows carry `nfe` (solver evaluations per guidance branch), `model_calls` (both branches), `cache`
+(a preset name, "cfg-reuse" or null) and `adapter` (null, "step", "cache-aware" or "router"). The
+shipped adapters (`embedded:adapters/<name>`, trained by `accel train train/...`) are named in the
+overrides like any recipe's; a missing one is skipped with a note. Outputs under out_dir:
+distill.json, distill.md, distill.png and the job's records and images (reused by a rerun).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from tqdm import tqdm
 
-from accel import io
-from accel.bench import _distill_report as report
-from accel.data_files import embedded_name
-from accel.embedded.model import WEIGHTS_DIR
-from accel.execute import (Evaluator, add_speedups, build_inputs, load_embedded_model, measure_plan, measure_stack,
-                           model_device,
-                           plan_from, reference_denoiser, reference_guidance)
-from accel.recipe import load_recipe
 from accel.adapter_files import read_adapter_metadata
+from accel.bench import _distill_report as report
+from accel.data_files import embedded_name, resolve_data_file
+from accel.embedded.model import WEIGHTS_DIR
+from accel.lab.ablate import mark_equal_flops_baselines
+from accel.lab.job import Configuration, Job
+from accel.recipe import load_recipe
+from accel.stack import Stack
 
+COMMAND = "accel bench distill"
 ADAPTERS_DIR = WEIGHTS_DIR / "adapters"
-DISTILLED = ["guidance.scale=1.0", "guidance.distilled=true"]
 # The uncond branch computed every 2nd step, (uncond - cond) reused in between (FasterCache's CFG
-# reuse, samplers.cfg_model_fn): a cache over the guidance branch rather than over features.
+# reuse): a cache over the guidance branch rather than over features.
 CFG_REUSE = "cfg-reuse"
 # Step-distillation adapters trained with CFG uncond reuse on (objective.params.student_uncond_interval).
 REUSE_TRAINED = ("step-4-cfg-reuse",)
+BASELINE_SOLVERS = ("dpmpp_2m", "unipc_bh2")
+BASELINE_STEPS = (2, 3, 4, 5, 6, 8, 10, 12, 16, 25)
 
 
 @dataclass(frozen=True)
@@ -52,9 +57,10 @@ class Config:
     Attributes:
         label: row name.
         overrides: recipe overrides on embedded-demo.
-        cache: the cache preset (None: no cache).
+        cache: the cache preset, "cfg-reuse" or None.
         adapter: None, "step", "cache-aware" or "router".
         needs: files under ADAPTERS_DIR it needs (skipped when absent).
+        kind: "stack", or "equal-flops-baseline" for the fewer-steps family.
     """
 
     label: str
@@ -62,6 +68,15 @@ class Config:
     cache: str | None = None
     adapter: str | None = None
     needs: tuple[str, ...] = ()
+    kind: str = "stack"
+
+    @property
+    def family(self) -> str:
+        """The Pareto plot's colour: sampler, cache, adapter or cache+adapter (the router is a cache)."""
+        learned = self.adapter in ("step", "cache-aware")
+        if self.cache and learned:
+            return "cache+adapter"
+        return "cache" if self.cache else "adapter" if learned else "sampler"
 
 
 def _shipped(name: str) -> str:
@@ -81,17 +96,24 @@ def _metadata(name: str) -> dict[str, str]:
 
 
 def _guidance(meta: dict[str, str]) -> tuple[str, ...]:
-    """Overrides for the guidance an adapter was trained with (distilled: one cond pass a step)."""
+    """Overrides for the guidance an adapter was trained with ("distilled": one cond pass a step)."""
     trained = meta.get("accel.guidance", "distilled")
-    return tuple(DISTILLED) if trained == "distilled" else (f"guidance.scale={float(trained)}",)
+    return ("guidance.scale=1.0",) if trained == "distilled" else (f"guidance.scale={float(trained)}",)
+
+
+def baselines() -> list[Config]:
+    """The fewer-steps family: DPM-Solver++(2M) and UniPC on the model's own walk, no cache, no adapter."""
+    return [Config(f"{solver} {steps}", (f"sampler.solver={solver}", f"sampler.steps={steps}",
+                                         "sampler.schedule=auto"), kind="equal-flops-baseline")
+            for solver in BASELINE_SOLVERS for steps in BASELINE_STEPS]
 
 
 def configurations(quick: bool) -> list[Config]:
-    """Plain solvers at the adapters' NFE, the adapters, the cache without and with its adapter, the router."""
-    out = []
+    """The baseline family, Euler at the adapters' steps, the adapters, the cache without and with
+    its adapter, and the router."""
+    out = baselines()
     for steps in (4, 8):
-        for solver in ("euler", "dpmpp_2m", "unipc_bh2"):
-            out.append(Config(f"{solver} {steps}", (f"sampler.solver={solver}", f"sampler.steps={steps}")))
+        out.append(Config(f"euler {steps}", ("sampler.solver=euler", f"sampler.steps={steps}")))
         meta = _metadata(f"step-{steps}")
         step = ("sampler.solver=euler", f"sampler.steps={steps}", *_guidance(meta), _adapter(f"step-{steps}"))
         out.append(Config(f"step LoRA {steps}", step, adapter="step", needs=(f"step-{steps}",)))
@@ -124,68 +146,78 @@ def configurations(quick: bool) -> list[Config]:
     return out
 
 
-def fingerprint(quick: bool) -> str:
-    """Hash of the shipped adapters, the base weights and the mode: journal records of another are redone."""
-    digest = hashlib.sha256(str(quick).encode())
-    for path in sorted(WEIGHTS_DIR.rglob("*.safetensors")):
-        if "checkpoint" not in path.parts[-2]:
-            digest.update(path.name.encode() + path.read_bytes())
-    return digest.hexdigest()[:16]
-
-
-def base_recipe(quick: bool, overrides: tuple[str, ...] = ()):
+def base_recipe(quick: bool, out_dir: Path, overrides: tuple[str, ...] = ()):
     """embedded-demo with the bench's inputs: quick 10 x 4 samples (seed 0), full 10 x 10 (seed 1)."""
     inputs = ["inputs.samples_per_class=4", "inputs.seed=0", "eval.timing_batch=10", "eval.timing_repeats=1"] \
         if quick else ["inputs.samples_per_class=10", "inputs.seed=1", "eval.timing_batch=20", "eval.timing_repeats=3"]
-    base = ["sampler.solver=euler", "sampler.schedule=flow", "cache.preset=null", "output.dir=runs/bench-distill"]
+    base = ["name=bench-distill", "sampler.solver=euler", "sampler.schedule=flow", "cache.preset=null",
+            f"output.dir={out_dir}"]
     return load_recipe("embedded-demo", [*inputs, *base, *overrides])
 
 
-def _record(config: Config, record: dict, steps_passes: float) -> dict:
-    stack = record.pop("stack", None)
-    record.update({"method": config.label, "cache": config.cache, "adapter": config.adapter,
-                   "model_calls": record["nfe"], "nfe": int(round(record["nfe"] / steps_passes)),
-                   "resolved": (stack or {}).get("decisions")})
-    return record
+def file_digests(stack: Stack) -> dict[str, str]:
+    """sha256 (16 hex) of every adapter and router file the stack reads: a retrained file is measured anew."""
+    names = [adapter.path for adapter in stack.adapters]
+    if stack.cache is not None and stack.cache.params.get("path"):
+        names.append(stack.cache.params["path"])
+    digests = {}
+    for name in names:
+        found = resolve_data_file(name)
+        files = sorted(found.glob("*.safetensors")) if found.is_dir() else [found]
+        digest = hashlib.sha256()
+        for path in files:
+            digest.update(path.read_bytes())
+        digests[str(name)] = digest.hexdigest()[:16]
+    return digests
+
+
+def configuration(config: Config, quick: bool, out_dir: Path) -> Configuration:
+    """The lab configuration of one bench configuration (its recipe validated)."""
+    cell = base_recipe(quick, out_dir, config.overrides)
+    made = Configuration.from_recipe(cell, label=config.label, kind=config.kind,
+                                     overrides={"overrides": list(config.overrides)})
+    digests = file_digests(made.stack)
+    return dataclasses.replace(made, identity={"files": digests}) if digests else made
+
+
+def row(record: dict, config: Config, lab: Configuration) -> dict:
+    """A bench row: the lab record (without its provenance payload) with the bench's identity.
+
+    `nfe` counts solver evaluations per guidance branch, `model_calls` both branches.
+    """
+    dropped = ("determined_by", "last_call", "anchor", "has_images", "nfe", "stack")
+    passes = 2 if lab.guidance.has_uncond_pass else 1
+    return {**{k: v for k, v in record.items() if k not in dropped}, "method": config.label,
+            "cache": config.cache, "adapter": config.adapter, "family": config.family,
+            "nfe": record["nfe"] // passes, "model_calls": record["nfe"],
+            "resolved": list((record.get("stack") or {}).get("decisions") or [])}
 
 
 def run(quick: bool, json_path: Path | None, out_dir: Path) -> list[dict]:
-    """Measures every configuration (resuming finished ones); returns the records, reference first."""
+    """Measures every configuration (reusing stored records); returns the rows, reference first."""
     started = time.perf_counter()
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     mode = "quick" if quick else "full"
-    recipe = base_recipe(quick)
-    model = load_embedded_model(recipe.model.name, model_device(recipe))
-    inputs = build_inputs(recipe)
-    evaluate = Evaluator(recipe, inputs.labels)
-    print(f"accel bench distill ({mode}): {len(inputs.labels)} samples (seed {recipe.inputs.seed}), 50-step Euler "
-          f"reference, guidance {reference_guidance(recipe):g}, {torch.get_num_threads()} threads")
-    reference, ref_images = measure_plan("reference", "reference", plan_from(recipe.eval.reference),
-                                         reference_denoiser(recipe, model), inputs, recipe, split=False,
-                                         guidance_scale=reference_guidance(recipe))
-    add_speedups(reference, reference).update(evaluate(ref_images, ref_images))
-    records = [{**reference, "method": "reference (euler 50)", "cache": None, "adapter": None,
-                "model_calls": reference["nfe"], "nfe": reference["nfe"] // 2}]
-    journal = out_dir / f"distill-{mode}.jsonl"
-    key = fingerprint(quick)
-    done = {(r["method"], tuple(r["overrides"])): r for r in io.read_jsonl(journal)
-            if r.get("fingerprint") == key and "overrides" in r and "method" in r}
-    todo = configurations(quick)
-    for config in tqdm(todo, desc="distill", unit="config"):
+    recipe = base_recipe(quick, out_dir)
+    job = Job.open(recipe, COMMAND, folder=out_dir)
+    todo = []
+    for config in configurations(quick):
         missing = [n for n in config.needs if not (ADAPTERS_DIR / n).exists()]
         if missing:
             print(f"skipped {config.label}: no {', '.join(missing)} under {ADAPTERS_DIR} (train it first)")
             continue
-        if (config.label, config.overrides) in done:  # speedups against this run's reference
-            records.append(add_speedups(done[config.label, config.overrides], reference))
-            continue
-        cell = base_recipe(quick, config.overrides)
-        record, images = measure_stack(config.label, cell, model, inputs, split=False)
-        add_speedups(record, reference).update(evaluate(images, ref_images))
-        record = {**_record(config, record, 1.0 if cell.guidance.scale == 1.0 else 2.0), "fingerprint": key,
-                  "overrides": list(config.overrides)}
-        io.append_jsonl(journal, record, default=str)
-        records.append(record)
-    report.write(records, out_dir, json_path, mode, time.perf_counter() - started)
-    return records
+        todo.append((config, configuration(config, quick, out_dir)))
+    job.check([lab for _, lab in todo])
+    print(f"accel bench distill ({mode}): {len(job.inputs)} samples (seed {recipe.inputs.seed}), 50-step Euler "
+          f"reference, guidance {recipe.eval.reference.guidance_scale:g}")
+    reference, ref_images = job.reference()
+    job.report_resumption([lab for _, lab in todo])
+    rows = [{**reference, "flops_speedup": 1.0, "wall_speedup": 1.0, **job.evaluator(ref_images, ref_images),
+             "method": "reference (euler 50)", "cache": None, "adapter": None, "nfe": reference["nfe"] // 2,
+             "model_calls": reference["nfe"]}]
+    for config, lab in tqdm(todo, desc="distill", unit="config"):
+        record, _ = job.measure(lab, split=False)
+        rows.append(row(record, config, lab))
+    mark_equal_flops_baselines(rows)
+    report.write(rows, out_dir, json_path, mode, time.perf_counter() - started)
+    return rows

@@ -1,48 +1,61 @@
-"""`accel bench samplers`: our solvers and schedules against diffusers' own schedulers, on both
-embedded models, at NFE 4, 6, 8, 10, 15 and 20.
+"""`accel bench samplers`: our solvers and schedules against diffusers' own schedulers and against the
+fewer-steps baseline, on both embedded models, at NFE 4, 6, 8, 10, 15 and 20.
 
-For each model (the flow model `flux-digits`, the epsilon UNet `unet-digits`) every configuration
-samples the same seeded noise and labels with classifier-free guidance. Quality is PSNR and SSIM
-against a 200-step Heun reference of the same seeds (our Heun on uniform t for the flow model, on
-Karras sigmas for the UNet), FD to real data in the judge's feature space and the judge's class
-accuracy. Our optimised schedules are calibrated on other seeds; the shipped walks
+Each model (the flow model `flux-digits`, the epsilon UNet `unet-digits`) is a diffusers pipeline
+and one lab `Job`: every configuration is a `Configuration` over it, generated through the pipeline
+on the same seeded noise and labels with classifier-free guidance, scored by the lab's `Evaluator`
+against the job's reference (a 200-step Heun of the same seeds: uniform t for the flow model,
+Karras sigmas for the UNet) and stored in the job's `RecordStore` under its fingerprint, so a rerun
+measures only what changed. Three kinds of configurations:
+
+* **equal-flops-baseline**: DPM-Solver++(2M) and UniPC on the pipeline's own walk (`schedule: auto`)
+  at every NFE: the best solver a user gets without our walks, which every plot shows as the frontier;
+* **stack** (origin `accel`): our solvers on our named schedules and on optimised walks, through
+  `accel.apply`;
+* **anchor** (origin `diffusers`): diffusers' schedulers, configured as diffusers' pipelines use
+  them, swapped into the pipeline by the configuration's `install`.
+
+Optimised walks are searched on calibration seeds that the evaluation never uses; the shipped walks
 (`<weights>/schedules/`) are reused when their provenance matches, new searches are saved under
 `<out_dir>/calibrations/<model>/schedules/` and reused from there.
 
     accel bench samplers --quick --json runs/samplers.json
 
-Outputs under out_dir: samplers.json (records, skipped configurations, target checks, settings),
-samplers.md (the tables), samplers.png (quality vs NFE) and samplers-records-<model>.jsonl, the finished
-records that a rerun skips. ACCEL_BENCH_FLUX_DIR / ACCEL_BENCH_UNET_DIR point at other weights.
+Outputs under out_dir: samplers.json (records, comparison per NFE, skipped configurations, settings),
+samplers.md (the tables), samplers-<model>.png (the Pareto plots) and one job folder per model
+(<model>/: the records and images a rerun reuses). ACCEL_BENCH_FLUX_DIR / ACCEL_BENCH_UNET_DIR
+point at other weights.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
 import resource
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import torch
+from omegaconf import DictConfig
 from tqdm import tqdm
 
 import samplers
-from accel import io, measure
 from accel.bench import _samplers_report as report
-from accel.bench._samplers_diffusers import (DiffusersConfig, epsilon_configs, flow_configs, sample_diffusers,
-                                             steps_for_nfe)
-from accel.bench._samplers_models import BenchModel, epsilon_subject, flow_subject, sample_ours, sample_reference
-from accel.bench._samplers_optimized import Calibration, Calibrator
-from accel.bench._samplers_pool import run_pool
-from accel.embedded import FLUX_DIGITS_DIR, JudgeFeatures, load_flux_digits, load_judge
-from accel.embedded.data import real_reference_set
-from accel.embedded.unet import UNET_DIGITS_DIR, load_unet_digits
-from accel.generate import sample_noise
+from accel.bench._samplers_diffusers import anchor_configuration, configs_for
+from accel.bench._samplers_models import SETUPS, BenchModel, ModelSetup, Reference, bench_model
+from accel.bench._samplers_optimized import Calibration, Calibrator, walk_digest
+from accel.lab.inputs import Inputs, sample_seed
+from accel.lab.job import Configuration, Job
+from accel.lab.records import RecordStore
+from accel.stack import GuidancePlan, SamplerPlan, Stack
 
+COMMAND = "accel bench samplers"
+MODELS = ("flux-digits", "unet-digits")
 NFES = (4, 6, 8, 10, 15, 20)
+BASELINE_SOLVERS = ("dpmpp_2m", "unipc_bh2")
+MODEL_ENV = {"flux-digits": "ACCEL_BENCH_FLUX_DIR", "unet-digits": "ACCEL_BENCH_UNET_DIR"}
 
 
 @dataclass(frozen=True)
@@ -50,9 +63,9 @@ class Settings:
     """What one run sweeps and how many samples it measures.
 
     Attributes:
-        samples: evaluation samples per configuration (labels cycle through the 10 classes).
-        seed: noise seed of the evaluation samples.
-        batch_size: samples per model call.
+        samples: evaluation samples per configuration (sample i: seed `sample_seed(seed, i)`, label i mod 10).
+        seed: base seed of the evaluation samples.
+        batch_size: samples per pipeline call.
         nfes: NFE budgets (model evaluations per guidance branch).
         real_samples: real images for the FD statistics.
         ours: per model name, our configurations as "solver/schedule" (schedule "optimized" included);
@@ -60,10 +73,14 @@ class Settings:
             optimised schedule for each solver.
         optimize_nfes: NFE budgets that get an optimised schedule (None: all of `nfes`).
         diffusers: diffusers settings as "Solver/schedule" (None: all).
+        baselines: the solvers of the fewer-steps baseline, on the pipeline's own walk.
         calibration: the calibration set of the optimised schedules.
         workers: single-thread processes sharing the models' work (1: everything in this process).
-        model_dirs: per model name, the folder of its weights (default: ACCEL_BENCH_FLUX_DIR /
-            ACCEL_BENCH_UNET_DIR, else the trained weights).
+        model_dirs: per model name, its pipeline folder (default: ACCEL_BENCH_FLUX_DIR /
+            ACCEL_BENCH_UNET_DIR, else the shipped weights).
+        timing_batch, timing_repeats: the wall-clock timing of each configuration (after one warm-up).
+        models: the models to measure.
+        references: per model name, another fine-step reference than its setup's (tests).
     """
 
     samples: int = 200
@@ -74,32 +91,84 @@ class Settings:
     ours: dict[str, tuple[str, ...]] | None = None
     optimize_nfes: tuple[int, ...] | None = None
     diffusers: tuple[str, ...] | None = None
+    baselines: tuple[str, ...] = BASELINE_SOLVERS
     calibration: Calibration = field(default_factory=Calibration)
     workers: int = 2
     model_dirs: dict[str, str] | None = None
+    timing_batch: int = 10
+    timing_repeats: int = 3
+    models: tuple[str, ...] = MODELS
+    references: dict[str, Reference] | None = None
 
 
 FULL = Settings()
-# The quick sweep keeps every NFE and every diffusers setting; of ours it keeps each solver family's
-# best schedules on the calibration seeds, and optimises one solver per model at the target NFEs 6
-# and 8 (calibrating both from scratch costs about 2.5 CPU minutes for the flow model, 1.2 for the UNet).
+# The quick sweep keeps every NFE, every diffusers setting and the baseline; of ours it keeps each
+# solver family's best schedules on the calibration seeds, and optimises one solver per model at
+# NFE 6 and 8. Wall-clock is one timed call of one sample (read the FLOPs for speed).
 QUICK = Settings(
-    samples=30, batch_size=30, real_samples=1000, optimize_nfes=(6, 8),
-    ours={"flux-digits": ("euler/flux", "heun/flux", "dpmpp_2m/flux", "dpmpp_3m/flux", "unipc_bh2/flow",
-                          "unipc_bh2/flux", "ipndm/flux", "unipc_bh2/optimized"),
+    samples=30, batch_size=30, real_samples=1000, optimize_nfes=(6, 8), timing_batch=1, timing_repeats=1,
+    ours={"flux-digits": ("euler/flux", "heun/flux", "dpmpp_2m/flux", "dpmpp_3m/flux", "unipc_bh2/flux",
+                          "ipndm/flux", "unipc_bh2/optimized"),
           "unet-digits": ("euler/karras", "heun/karras", "dpmpp_2m/logsnr", "dpmpp_3m/logsnr", "unipc_bh2/karras",
                           "unipc_bh2/logsnr", "unipc_bh2/timestep", "ipndm/logsnr", "unipc_bh2/optimized")})
 
 
-@dataclass
-class Job:
-    """One configuration to measure: a record's identity, how to make its images (noise, labels) and
-    what to prepare untimed before (an optimised schedule's calibration)."""
+@dataclass(frozen=True)
+class Planned:
+    """One configuration of the sweep and what the bench's tables call it.
 
-    record: dict
-    make: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-    prepare: Callable[[], object] | None = None
-    variant: Callable[[], str | None] | None = None  # what else a stored record must match (schedule file)
+    Attributes:
+        config: the lab configuration.
+        identity: model, origin ("baseline", "accel" or "diffusers"), solver, schedule, nfe (per
+            guidance branch) and family (the Pareto plot's colour).
+    """
+
+    config: Configuration
+    identity: dict
+
+
+def model_source(name: str, settings: Settings) -> str:
+    """What the job's `model.name` is: a folder from the settings or the environment, else the name."""
+    given = (settings.model_dirs or {}).get(name) or os.environ.get(MODEL_ENV[name])
+    return str(given) if given else name
+
+
+def model_setup(name: str, settings: Settings) -> ModelSetup:
+    """What the bench fixes for a model, with the settings' reference where they give one."""
+    given = (settings.references or {}).get(name)
+    return dataclasses.replace(SETUPS[name], reference=given) if given else SETUPS[name]
+
+
+def bench_recipe(name: str, settings: Settings, out_dir: Path) -> DictConfig:
+    """The job's recipe: the embedded demo with this model, its guidance, reference and metrics."""
+    from accel.recipe import load_recipe
+
+    setup = model_setup(name, settings)
+    reference = setup.reference
+    return load_recipe("embedded-demo", [
+        f"name={name}", f"model.name={model_source(name, settings)}", f"guidance.scale={setup.guidance}",
+        "sampler.schedule=auto", f"inputs.seed={settings.seed}", f"inputs.batch_size={settings.batch_size}",
+        f"inputs.samples_per_class={math.ceil(settings.samples / 10)}",
+        f"eval.reference.solver={reference.solver}", f"eval.reference.steps={reference.steps}",
+        f"eval.reference.schedule={reference.schedule}", f"eval.reference.guidance_scale={setup.guidance}",
+        "eval.metrics=[psnr,ssim,fd,accuracy]", f"eval.real_samples={settings.real_samples}",
+        f"eval.timing_batch={settings.timing_batch}", f"eval.timing_repeats={settings.timing_repeats}",
+        f"output.dir={Path(out_dir) / name}"])  # the model's own reference cache: one writer per model
+
+
+def bench_inputs(settings: Settings) -> Inputs:
+    """Sample i: seed `sample_seed(seed, i)`, label i mod 10 (classes interleaved, as before the lab)."""
+    count = settings.samples
+    return Inputs(tuple(sample_seed(settings.seed, i) for i in range(count)),
+                  labels=tuple(i % 10 for i in range(count)))
+
+
+def open_job(name: str, settings: Settings, out_dir: Path, rank: int = 0) -> tuple[Job, BenchModel]:
+    """The lab job of one model (folder `<out_dir>/<model>`, records appended by process `rank`)."""
+    job = Job.open(bench_recipe(name, settings, out_dir), COMMAND, folder=Path(out_dir) / name)
+    job.inputs = bench_inputs(settings)
+    job.store = RecordStore(job.folder, rank)
+    return job, bench_model(model_setup(name, settings), job.model)
 
 
 def _our_pairs(subject: BenchModel, settings: Settings) -> list[tuple[str, str]]:
@@ -116,212 +185,126 @@ def _our_pairs(subject: BenchModel, settings: Settings) -> list[tuple[str, str]]
     return fits
 
 
-def _our_jobs(subject: BenchModel, settings: Settings, calibrator: Calibrator,
-              skipped: list[str]) -> list[Job]:
-    jobs = []
-    optimize_nfes = settings.optimize_nfes or settings.nfes
+def _sampler(subject: BenchModel, solver: str, steps: int, schedule: str, params: dict, label: str, kind: str,
+             identity: dict | None = None) -> Configuration:
+    guidance = GuidancePlan(subject.guidance)
+    stack = Stack(SamplerPlan(solver, steps, schedule, params), guidance=guidance)
+    return Configuration(label, kind, stack, steps, guidance, identity=identity or {})
+
+
+def _ours(subject: BenchModel, settings: Settings, calibrator: Calibrator, skipped: list[str]) -> list[Planned]:
+    planned = []
     for solver, schedule in _our_pairs(subject, settings):
-        spec = samplers.get_solver(solver)
         for nfe in settings.nfes:
             try:
-                spec.steps_for_nfe(nfe)
+                steps = samplers.get_solver(solver).steps_for_nfe(nfe)
             except ValueError as error:
                 skipped.append(f"{subject.name} accel {solver}/{schedule} NFE {nfe}: {error}")
                 continue
-            if schedule == "optimized" and nfe not in optimize_nfes:
+            if schedule == "optimized" and nfe not in (settings.optimize_nfes or settings.nfes):
                 continue
-            prepare = variant = None
-            if schedule == "optimized":
-                prepare, variant = (lambda s=solver, n=nfe: calibrator.get(s, n)), (
-                    lambda s=solver, n=nfe: calibrator.digest(s, n))
-
-            def make(noise, labels, solver=solver, nfe=nfe, schedule=schedule):
-                if schedule == "optimized":
-                    options = {"path": str(calibrator.get(solver, nfe)), "solver": solver}
-                else:
-                    options = subject.schedules[schedule]
-                return sample_ours(subject, solver, nfe, schedule, options, noise, labels, settings.batch_size)
-            jobs.append(Job(_identity(subject, "accel", solver, schedule, nfe), make, prepare, variant))
-    return jobs
+            params, walk = dict(subject.schedules.get(schedule, {})), {}
+            if schedule == "optimized":  # searched now if no saved walk fits
+                path = calibrator.get(solver, nfe)
+                params, walk = {"path": str(path)}, {"walk_sha256": walk_digest(path)}
+            config = _sampler(subject, solver, steps, schedule, params, f"accel {solver}/{schedule} NFE {nfe}",
+                              "stack", walk)
+            planned.append(Planned(config, _identity(subject, "accel", solver, schedule, nfe, "sampler")))
+    return planned
 
 
-def _diffusers_jobs(subject: BenchModel, configs: list[DiffusersConfig], betas: dict | None,
-                    settings: Settings, skipped: list[str]) -> list[Job]:
-    jobs = []
-    for config in configs:
-        if settings.diffusers is not None and f"{config.solver}/{config.schedule}" not in settings.diffusers:
+def _baselines(subject: BenchModel, settings: Settings) -> list[Planned]:
+    planned = []
+    for solver in settings.baselines:
+        for nfe in settings.nfes:
+            steps = samplers.get_solver(solver).steps_for_nfe(nfe)
+            config = _sampler(subject, solver, steps, "auto", {}, f"baseline {solver}/auto NFE {nfe}",
+                              "equal-flops-baseline")
+            planned.append(Planned(config, _identity(subject, "baseline", solver, "auto", nfe, "sampler")))
+    return planned
+
+
+def _anchors(subject: BenchModel, settings: Settings, skipped: list[str]) -> list[Planned]:
+    planned = []
+    for setting in configs_for(subject.family):
+        if settings.diffusers is not None and f"{setting.solver}/{setting.schedule}" not in settings.diffusers:
             continue
         for nfe in settings.nfes:
             try:
-                steps_for_nfe(config, nfe, betas)
+                config = anchor_configuration(setting, nfe, subject.betas(), subject.guidance)
             except ValueError as error:
-                skipped.append(f"{subject.name} diffusers {config.solver}/{config.schedule} NFE {nfe}: {error}")
+                skipped.append(f"{subject.name} diffusers {setting.solver}/{setting.schedule} NFE {nfe}: {error}")
                 continue
-
-            def make(noise, labels, config=config, nfe=nfe):
-                return sample_diffusers(config, subject, betas, nfe, noise, labels, settings.batch_size)
-            jobs.append(Job(_identity(subject, "diffusers", config.solver, config.schedule, nfe), make))
-    return jobs
+            planned.append(Planned(config, _identity(subject, "diffusers", setting.solver, setting.schedule, nfe,
+                                                     "anchor")))
+    return planned
 
 
-def _identity(subject: BenchModel, origin: str, solver: str, schedule: str, nfe: int) -> dict:
-    return {"model": subject.name, "solver": solver, "schedule": schedule, "nfe": nfe, "origin": origin}
+def _identity(subject: BenchModel, origin: str, solver: str, schedule: str, nfe: int, family: str) -> dict:
+    return {"model": subject.name, "origin": origin, "solver": solver, "schedule": schedule, "nfe": nfe,
+            "family": family}
 
 
-class Evaluator:
-    """PSNR / SSIM against the reference, FD to real data and the judge's accuracy."""
-
-    def __init__(self, real_samples: int, resolution: int = 16):
-        self.judge = load_judge()
-        real, _ = real_reference_set(real_samples, resolution)
-        self.fd = measure.FrechetDistance(JudgeFeatures(self.judge), measure.to_unit_range(real))
-
-    def __call__(self, images: torch.Tensor, reference: torch.Tensor, labels: torch.Tensor) -> dict:
-        unit, unit_ref = measure.to_unit_range(images), measure.to_unit_range(reference)
-        return {"psnr": measure.psnr(unit, unit_ref), "ssim": measure.ssim(unit, unit_ref),
-                "fd": self.fd(unit), "accuracy": measure.class_accuracy(self.judge, unit, labels)}
+def plan(subject: BenchModel, settings: Settings, calibrator: Calibrator, skipped: list[str]) -> list[Planned]:
+    """Every configuration of one model: the baseline, ours, then diffusers'. Configurations that
+    cannot meet an NFE exactly are added to `skipped`; optimised walks are searched if not saved."""
+    return _baselines(subject, settings) + _ours(subject, settings, calibrator, skipped) + \
+        _anchors(subject, settings, skipped)
 
 
-def _signature(subject: BenchModel, settings: Settings) -> str:
-    return (f"{subject.fingerprint}:g{subject.guidance}:n{settings.samples}:s{settings.seed}:"
-            f"{subject.reference.describe()}")
+def calibrations_dir(out_dir: Path, name: str) -> Path:
+    """Where the run saves a model's new optimised walks (the shipped ones are only read)."""
+    return Path(out_dir) / "calibrations" / name / "schedules"
 
 
-def _variant(signature: str, variant: str | None) -> str:
-    return f"{signature}:{variant}" if variant else signature
+def row(record: dict, planned: Planned) -> dict:
+    """A bench row: the lab record (without its provenance payload) with the bench's identity.
 
-
-def _read_reference(path: Path) -> torch.Tensor | None:
-    """Cached reference images (safetensors only); None when absent or unreadable (said on stderr)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    if not path.is_file():
-        return None
-    try:
-        return load_file(path)["images"]
-    except (SafetensorError, OSError, KeyError) as error:
-        print(f"accel: {path} is unreadable ({io.first_line(error)}); generating the reference again", file=sys.stderr)
-        return None
-
-
-def _reference(subject: BenchModel, settings: Settings, noise: torch.Tensor, labels: torch.Tensor,
-               out_dir: Path) -> torch.Tensor:
-    """The reference images, cached in out_dir under the run's signature."""
-    name = _signature(subject, settings).split(":")[0]
-    path = out_dir / f"reference-{subject.name}-{name}-n{settings.samples}-s{settings.seed}.safetensors"
-    cached = _read_reference(path)
-    if cached is not None:
-        return cached
-    start = time.perf_counter()
-    images = sample_reference(subject, noise, labels, settings.batch_size)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    io.save_safetensors(path, {"images": images})
-    print(f"{subject.name}: reference {subject.reference.describe()} in {time.perf_counter() - start:.0f} s")
-    return images
-
-
-def plan_jobs(subject: BenchModel, configs: list[DiffusersConfig], betas: dict | None, settings: Settings,
-              calibrator: Calibrator, skipped: list[str]) -> list[Job]:
-    """Every configuration of one model, ours then diffusers'; configurations that cannot meet an
-    NFE exactly are added to `skipped`."""
-    return _our_jobs(subject, settings, calibrator, skipped) + _diffusers_jobs(subject, configs, betas,
-                                                                               settings, skipped)
-
-
-def _stored(job: Job, store: report.RecordStore, signature: str) -> dict | None:
-    variant = job.variant() if job.variant is not None else ""
-    return None if variant is None else store.get(_variant(signature, variant), report.record_key(job.record))
-
-
-def _inputs(subject: BenchModel, settings: Settings) -> tuple[torch.Tensor, torch.Tensor]:
-    labels = torch.arange(settings.samples) % 10
-    return sample_noise(settings.seed, range(settings.samples), subject.shape), labels
-
-
-def prepare_model(subject: BenchModel, jobs: list[Job], settings: Settings, store: report.RecordStore,
-                  out_dir: Path) -> None:
-    """The untimed work of the jobs still to run: their optimised schedules and the reference."""
-    signature = _signature(subject, settings)
-    pending = [job for job in jobs if _stored(job, store, signature) is None]
-    for job in pending:
-        if job.prepare is not None:
-            job.prepare()
-    if pending:
-        _reference(subject, settings, *_inputs(subject, settings), out_dir)
-
-
-def bench_model(subject: BenchModel, jobs: list[Job], settings: Settings, evaluate: Evaluator,
-                store: report.RecordStore, out_dir: Path, position: int | None = 0) -> list[dict]:
-    """Measures the jobs of one model (reusing finished records); returns the records.
-
-    `position` places the progress bar (None: no bar, for worker processes).
+    `nfe` is per guidance branch (the bench's axis); `model_calls` counts both branches.
     """
-    noise, labels = _inputs(subject, settings)
-    signature = _signature(subject, settings)
-    reference = None
-    records = []
-    for job in tqdm(jobs, desc=f"bench samplers {subject.name}", unit="config", position=position or 0,
-                    disable=position is None):
-        done = _stored(job, store, signature)
-        if done is not None:
-            records.append(done)
-            continue
-        if reference is None:
-            reference = _reference(subject, settings, noise, labels, out_dir)
-        if job.prepare is not None:
-            job.prepare()
-        start = time.perf_counter()
-        images = job.make(noise, labels)
-        seconds = time.perf_counter() - start
-        variant = job.variant() if job.variant is not None else ""
-        record = {**job.record, **evaluate(images, reference, labels), "seconds": round(seconds, 2),
-                  "samples": settings.samples, "guidance": subject.guidance,
-                  "signature": _variant(signature, variant)}
-        store.add(record)
-        records.append(record)
-    return records
+    dropped = ("determined_by", "last_call", "stack", "overrides", "anchor", "has_images", "nfe", "solver",
+               "schedule")
+    passes = 2 if planned.config.guidance.has_uncond_pass else 1
+    return {**{k: v for k, v in record.items() if k not in dropped}, **planned.identity,
+            "model_calls": planned.identity["nfe"] * passes}
 
 
-MODELS = ("flux-digits", "unet-digits")
+def measure(job: Job, planned: list[Planned], position: int | None = 0) -> list[dict]:
+    """Measures (or reuses) each planned configuration of a job; returns the bench rows."""
+    rows = []
+    for item in tqdm(planned, desc=f"bench samplers {job.model.name}", unit="config", position=position or 0,
+                     disable=position is None):
+        record, _ = job.measure(item.config, split=False)
+        rows.append(row(record, item))
+    return rows
 
 
-def load_subject(name: str, settings: Settings | None = None) -> tuple[BenchModel, list[DiffusersConfig], dict | None]:
-    """An embedded model by name (settings.model_dirs, the folder named by the environment, or the
-    trained weights) with its diffusers settings and betas."""
-    given = (settings.model_dirs or {}) if settings is not None else {}
-    if name == "flux-digits":
-        flux_dir = Path(given.get(name) or os.environ.get("ACCEL_BENCH_FLUX_DIR", FLUX_DIGITS_DIR))
-        return flow_subject(load_flux_digits(flux_dir), flux_dir), flow_configs(), None
-    unet_dir = Path(given.get(name) or os.environ.get("ACCEL_BENCH_UNET_DIR", UNET_DIGITS_DIR))
-    unet = load_unet_digits(unet_dir)
-    return epsilon_subject(unet, unet_dir), epsilon_configs(), dict(unet.betas)
-
-
-def describe(subject: BenchModel) -> dict:
+def describe(job: Job, subject: BenchModel) -> dict:
     """The model's entry in the JSON settings."""
-    return {subject.name: {"guidance": subject.guidance, "weights": str(subject.weights_dir),
-                           "reference": subject.reference.describe(), "fingerprint": subject.fingerprint}}
+    reference, _ = job.reference()
+    return {subject.name: {"guidance": subject.guidance, "weights": str(job.model.folder),
+                           "weights_hash": job.model.weights_hash, "parameters": subject.fingerprint,
+                           "pipeline": type(job.model.pipe).__name__,
+                           "scheduler": type(job.model.pipe.scheduler).__name__,
+                           "reference": subject.reference.describe(), "reference_flops": reference["flops"]}}
 
 
-def calibrations_dir(out_dir: Path, subject: BenchModel) -> Path:
-    """Where the run saves the model's new optimised walks (the shipped ones are only read)."""
-    return Path(out_dir) / "calibrations" / subject.name / "schedules"
-
-
-def records_path(out_dir: Path, subject: BenchModel) -> Path:
-    return out_dir / f"samplers-records-{subject.name}.jsonl"
-
-
-def _bench_one(triple: tuple, settings: Settings, out_dir: Path) -> tuple[list, list, dict]:
-    """Benchmarks one model in this process; returns (records, skipped lines, the model's description)."""
-    subject, configs, betas = triple
+def prepare(name: str, settings: Settings, out_dir: Path, rank: int = 0, log=tqdm.write):
+    """A model's job, its planned configurations (walks searched as needed), its reference and the skips."""
+    job, subject = open_job(name, settings, out_dir, rank)
+    calibrator = Calibrator(subject, settings.calibration, calibrations_dir(out_dir, name), log=log)
     skipped: list[str] = []
-    calibrator = Calibrator(subject, settings.calibration, calibrations_dir(out_dir, subject), log=tqdm.write)
-    jobs = plan_jobs(subject, configs, betas, settings, calibrator, skipped)
-    records = bench_model(subject, jobs, settings, Evaluator(settings.real_samples),
-                          report.RecordStore(records_path(out_dir, subject)), out_dir)
-    return records, skipped, describe(subject)
+    planned = plan(subject, settings, calibrator, skipped)
+    job.check([item.config for item in planned if item.config.stack is not None])
+    job.reference()
+    return job, subject, planned, skipped
+
+
+def _bench_one(name: str, settings: Settings, out_dir: Path) -> tuple[list, list, dict]:
+    """Benchmarks one model in this process; returns (rows, skipped lines, the model's description)."""
+    job, subject, planned, skipped = prepare(name, settings, out_dir)
+    job.report_resumption([item.config for item in planned])
+    return measure(job, planned), skipped, describe(job, subject)
 
 
 def _cpu_seconds() -> float:
@@ -329,31 +312,28 @@ def _cpu_seconds() -> float:
                for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
 
 
-def run(quick: bool, json_path: Path | None, out_dir: Path, settings: Settings | None = None,
-        subjects: list | None = None) -> list[dict]:
-    """Runs the benchmark (see the module docstring); returns the records.
+def run(quick: bool, json_path: Path | None, out_dir: Path, settings: Settings | None = None) -> list[dict]:
+    """Runs the benchmark (see the module docstring); returns the rows.
 
     Args:
         quick: the shortened sweep (QUICK) instead of the full one (FULL).
         json_path: also write the JSON summary here.
         out_dir: folder for the outputs and the resumable records.
         settings: overrides the preset (tests).
-        subjects: overrides the models, as (BenchModel, diffusers configs, betas) triples (tests).
     """
+    from accel.bench._samplers_pool import run_pool
+
     settings = settings or (QUICK if quick else FULL)
     out_dir = Path(out_dir)
     start, cpu_start = time.perf_counter(), _cpu_seconds()
-    if subjects is not None or settings.workers <= 1:
-        triples = subjects if subjects is not None else [load_subject(name, settings) for name in MODELS]
-        results = [_bench_one(triple, settings, out_dir) for triple in triples]
+    if settings.workers <= 1:
+        results = [_bench_one(name, settings, out_dir) for name in settings.models]
+        rows = [r for result in results for r in result[0]]
+        skipped = [line for result in results for line in result[1]]
+        models = {key: value for result in results for key, value in result[2].items()}
     else:
-        results = [run_pool(MODELS, settings, out_dir)]
-    records = [record for result in results for record in result[0]]
-    skipped = [line for result in results for line in result[1]]
-    models = {name: info for result in results for name, info in result[2].items()}
+        rows, skipped, models = run_pool(settings, out_dir)
     timing = {"wall_seconds": round(time.perf_counter() - start, 1),
-              "cpu_seconds": round(_cpu_seconds() - cpu_start, 1)}
-    report.write_outputs(records, skipped, {**asdict(settings), "models": models}, timing, json_path, out_dir)
-    return [{k: v for k, v in r.items() if k != "signature"} for r in records]
-
-
+              "cpu_seconds": round(_cpu_seconds() - cpu_start, 1), "threads": torch.get_num_threads()}
+    summary = report.write_outputs(rows, skipped, {**asdict(settings), "models": models}, timing, json_path, out_dir)
+    return summary["records"]

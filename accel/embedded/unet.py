@@ -5,6 +5,10 @@ class-conditional through `num_class_embeds` (0-9, and the null class 10 for the
 branch of classifier-free guidance). The noise schedule is SD's 1000-step scaled-linear betas, so
 the model is a miniature of the epsilon/VP family (SD 1.x, SDXL) for epsilon-family solvers and
 UNet caches (DeepCache). Train it with `python scripts/train_embedded_unet.py`.
+
+Its weights folder is a diffusers pipeline folder (`model_index.json`, `unet/`, `scheduler/`), which
+loads as a `UNetDigitsPipeline` (`accel/embedded/unet_pipeline.py`) with its shipped scheduler,
+DDIM on trailing timesteps (`SHIPPED_SCHEDULER`), or as a `UNetDigits` with `load_unet_digits`.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from diffusers import DDPMScheduler, UNet2DModel
+from diffusers import DDIMScheduler, UNet2DModel
 
 import samplers
 from accel.embedded.model import NULL_CLASS, WEIGHTS_DIR
@@ -35,6 +39,10 @@ DEFAULT_UNET_CONFIG = dict(
     num_class_embeds=NULL_CLASS + 1,
 )
 DEFAULT_BETAS = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
+# The pipeline's own scheduler: deterministic DDIM from t = 999 (trailing timesteps, as diffusers
+# recommends for few steps), no clipping, SD's final alpha.
+SHIPPED_SCHEDULER = dict(prediction_type="epsilon", clip_sample=False, set_alpha_to_one=False, steps_offset=0,
+                         timestep_spacing="trailing")
 
 
 @dataclass
@@ -80,11 +88,16 @@ class UNetDigits:
         self.unet.eval()
         return self
 
+    def as_pipeline(self):
+        """The model as a `UNetDigitsPipeline` (sharing the UNet) with its shipped DDIM scheduler."""
+        from accel.embedded.unet_pipeline import UNetDigitsPipeline
+
+        return UNetDigitsPipeline(self.unet, DDIMScheduler(**self.betas, **SHIPPED_SCHEDULER))
+
     def save_pretrained(self, folder: str | Path) -> None:
-        """Writes `unet/` (safetensors + config) and `scheduler/` (the DDPM betas) under `folder`."""
-        folder = Path(folder)
-        self.unet.save_pretrained(folder / "unet")
-        DDPMScheduler(**self.betas, prediction_type="epsilon").save_pretrained(folder / "scheduler")
+        """Writes a pipeline folder: `model_index.json`, `unet/` (safetensors + config) and `scheduler/`
+        (DDIM on the model's betas), loadable with `UNetDigitsPipeline.from_pretrained` or as `model.name`."""
+        self.as_pipeline().save_pretrained(Path(folder))
 
 
 def build_unet_digits(seed: int = 0, betas: dict | None = None, **overrides) -> UNetDigits:

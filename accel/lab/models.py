@@ -22,8 +22,8 @@ from typing import Any, Iterator
 
 import torch
 
-EMBEDDED_PIPELINES = {"flux-digits": "FluxDigitsPipeline"}
-PIPELINE_CLASSES_OF_OURS = ("FluxDigitsPipeline",)
+EMBEDDED_PIPELINES = {"flux-digits": "FluxDigitsPipeline", "unet-digits": "UNetDigitsPipeline"}
+PIPELINE_CLASSES_OF_OURS = ("FluxDigitsPipeline", "UNetDigitsPipeline")
 FULL_HASH_LIMIT = 256 * 2**20  # files above this are hashed by size, head and tail (16 MiB each)
 
 
@@ -131,6 +131,10 @@ def _pipeline_class(folder: Path, name: str) -> type:
         class_name = json.loads(index.read_text())["_class_name"]
     except (ValueError, KeyError):
         raise ModelError(f"model.name: {index} is not a diffusers model_index.json") from None
+    if class_name == "UNetDigitsPipeline":
+        from accel.embedded.unet_pipeline import UNetDigitsPipeline
+
+        return UNetDigitsPipeline
     if class_name in PIPELINE_CLASSES_OF_OURS:
         from accel.embedded.pipeline import FluxDigitsPipeline
 

@@ -21,7 +21,7 @@ from accel.recipe.load import RecipeError
 
 DTYPES = ("float32", "bfloat16", "float16")
 METRICS = ("psnr", "ssim", "lpips", "clip_score", "image_reward", "fd", "accuracy")
-EMBEDDED_MODELS = ("flux-digits",)
+EMBEDDED_MODELS = ("flux-digits", "unet-digits")
 MAX_STEPS = 1000  # solver steps of a run, a reference or a baseline
 MAX_SAMPLES = 100_000  # generated samples of a run (classes x samples_per_class)
 MAX_BATCH = 10_000  # samples per model call or timed call
@@ -56,25 +56,32 @@ def is_hub_id(name: str) -> bool:
     return name.count("/") == 1 and not name.startswith((".", "/")) and not Path(name).exists()
 
 
-DIGIT_PIPELINES = ("FluxDigitsPipeline",)  # pipeline classes of the embedded digit models
+DIGIT_PIPELINES = ("FluxDigitsPipeline", "UNetDigitsPipeline")  # pipeline classes of the embedded digit models
+EPSILON_DIGIT_MODELS = ("unet-digits", "UNetDigitsPipeline")  # the embedded VP (epsilon) model, by name or class
 
 
 def is_embedded(model: DictConfig) -> bool:
     """Whether the recipe's model is a digit model (class labels, FD, accuracy): a shipped name, or a
     pipeline folder of the embedded models' class (e.g. one `scripts/train_embedded.py` wrote)."""
-    if model.name in EMBEDDED_MODELS:
-        return True
+    return model.name in EMBEDDED_MODELS or _pipeline_class_name(model) in DIGIT_PIPELINES
+
+
+def _pipeline_class_name(model: DictConfig) -> str | None:
+    """The `_class_name` of the model folder's model_index.json, or None."""
     index = Path(str(model.name)) / "model_index.json"
     try:
-        return index.is_file() and json.loads(index.read_text()).get("_class_name") in DIGIT_PIPELINES
-    except (ValueError, OSError):
-        return False
+        return json.loads(index.read_text()).get("_class_name") if index.is_file() else None
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 def model_family(model: DictConfig) -> str | None:
     """The noise family of the recipe's model when the project knows it before loading it (the
     embedded models); None for a user's pipeline, checked by the resolver against the real one."""
-    return "flow" if is_embedded(model) else None  # the digit models are flow models
+    if not is_embedded(model):
+        return None
+    vp = model.name in EPSILON_DIGIT_MODELS or _pipeline_class_name(model) in EPSILON_DIGIT_MODELS
+    return "vp" if vp else "flow"
 
 
 def _check_model(model: DictConfig) -> None:
@@ -131,10 +138,11 @@ def _check_sampling(prefix: str, section: DictConfig, family: str | None) -> Non
     if section.schedule == "optimized" and params.get("path"):
         params["path"] = _data_file(f"{prefix}.schedule_params.path", params["path"], "optimised schedule",
                                     "make it with `accel bench samplers` or samplers.optimized.optimize_schedule")
+    prediction, noise_schedule = _known_model(family)
     try:
-        samplers.get_solver(section.solver).check_fits("flow", "flow")
-        samplers.make_sigmas(section.schedule, section.steps, samplers.FlowSchedule(), **params)
-        _dry_run(section, params)
+        samplers.get_solver(section.solver).check_fits(prediction, family)
+        samplers.make_sigmas(section.schedule, section.steps, noise_schedule, **params)
+        _dry_run(section, params, prediction, noise_schedule)
     except (TypeError, ValueError) as error:
         raise RecipeError(f"{prefix}: {error}".splitlines()[0]) from None
 
@@ -151,12 +159,20 @@ def _check_solver_options(prefix: str, solver: str, options: dict) -> None:
                           f"its options are: {', '.join([*accepted, 'compensation'])}")
 
 
-def _dry_run(section: DictConfig, schedule_params: dict) -> None:
+def _known_model(family: str) -> tuple[str, object]:
+    """(prediction type, noise schedule) of an embedded model family: flow velocity, or the UNet's
+    epsilon on SD's scaled-linear betas."""
+    if family == "vp":
+        return "epsilon", samplers.vp_schedule_from_betas(1000, 0.00085, 0.012, "scaled_linear")
+    return "flow", samplers.FlowSchedule()
+
+
+def _dry_run(section: DictConfig, schedule_params: dict, prediction: str = "flow", noise_schedule=None) -> None:
     """Runs the sampler on a 2x2 zero model, so a bad option value fails here, not mid-run."""
     import torch
 
-    denoiser = samplers.Denoiser(lambda x, sigma, **_: torch.zeros_like(x), prediction_type="flow",
-                                 schedule=samplers.FlowSchedule())
+    denoiser = samplers.Denoiser(lambda x, sigma, **_: torch.zeros_like(x), prediction_type=prediction,
+                                 schedule=noise_schedule or samplers.FlowSchedule())
     with torch.random.fork_rng(devices=[]):
         samplers.sample(denoiser, torch.zeros(1, 1, 2, 2), solver=section.solver, steps=section.steps,
                         schedule=section.schedule, schedule_options=schedule_params,
