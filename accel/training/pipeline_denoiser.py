@@ -55,8 +55,10 @@ class PipelineDenoiser:
         """Hands the model the scheduler's own timesteps at the levels of `walk`, as the pipeline does
         (Wan's UniPC truncates them to integers; elsewhere the model's map of sigma is used)."""
         device = self._levels.device
-        self._levels = torch.cat([self._levels, walk.sigmas[:-1].to(device)])
-        self._native = torch.cat([self._native, walk.timesteps.to(device)])
+        known = set(self._levels.tolist())
+        fresh = [i for i, level in enumerate(walk.sigmas[:-1].tolist()) if level not in known]
+        self._levels = torch.cat([self._levels, walk.sigmas[:-1][fresh].to(device)])
+        self._native = torch.cat([self._native, walk.timesteps[fresh].to(device)])
 
     def timestep(self, sigma: torch.Tensor) -> torch.Tensor:
         """The `timestep` argument (B, *shape) the pipeline passes at noise levels sigma (B,)."""
@@ -67,7 +69,7 @@ class PipelineDenoiser:
             value = self._to_timestep(sigma) * c.timestep_scale
         if self._levels.numel():
             hit = sigma.float()[:, None] == self._levels[None, :]  # (B, M); no host sync
-            native = (hit * self._native[None, :]).sum(dim=1)
+            native = (hit * self._native[None, :]).sum(dim=1)  # levels are distinct: one hit at most
             native = native / self._divisor if self._divisor is not None else native * c.timestep_scale
             value = torch.where(hit.any(dim=1), native.to(value.dtype), value)
         if not c.timestep_dtype.is_floating_point:
