@@ -186,3 +186,37 @@ def test_a_killed_run_resumes_bitwise(folders, tmp_path):
     assert resumed.resumed_from == 2 and resumed.steps_done == 3
     a, b = load_file(str(whole.exported)), load_file(str(resumed.exported))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_gradient_checkpointing_gives_the_same_loss_and_gradients(folders, tmp_path):
+    params = _params("flux", tmp_path / "teacher")
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        objective = lora_objective_from_params("step-distill", {**params, "gradient_checkpointing": checkpointing}, 0,
+                                               _section(folders("flux")))
+        for name, parameter in objective.module().named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(parameter, std=0.1, generator=torch.Generator().manual_seed(1))
+        loss = objective.loss(0, 0)
+        loss.backward()
+        grads.append((loss.detach(), [p.grad.clone() for p in objective.module().parameters() if p.requires_grad]))
+        assert objective.module().gradient_checkpointing is checkpointing
+    assert torch.equal(grads[0][0], grads[1][0])
+    assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(grads[0][1], grads[1][1]))
+    with pytest.raises(ValueError, match="gradient_checkpointing with a cache"):
+        lora_objective_from_params("cache-aware", {**params, "steps": 10, "cache": "fora", "gradient_checkpointing": True},
+                                   0, _section(folders("flux")))
+
+
+@pytest.mark.parametrize("recipe", ["train/flux-dev-step-4", "train/wan21-t2v-cache-aware"])
+def test_the_pipeline_templates_load_and_need_their_weights_cached(recipe, capsys, tmp_path, monkeypatch):
+    from accel.cli import main
+    from accel.recipe.train_schema import load_train_recipe
+
+    loaded = load_train_recipe(recipe)
+    assert "/" in loaded.model.name and loaded.model.dtype == "bfloat16" and loaded.objective.params.prompts
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", recipe, "--quick", "model.device=cpu"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "is a hub id that is not in the local Hugging Face cache" in err[0]
