@@ -71,13 +71,16 @@ def is_main_launch_process() -> bool:
 TEACHER_OBJECTIVES = ("step-distill", "cache-aware", "router")
 
 
-def quick_overrides(objective: str) -> list[str]:
+def quick_overrides(objective: str, name: str | None = None) -> list[str]:
     """`accel train --quick`: a smoke run of any recipe (3 steps, a 16-trajectory teacher of its
-    own, files under runs/train-quick/) that checks the wiring end to end in minutes on CPU."""
+    own, files under runs/train-quick/) that checks the wiring end to end in minutes on CPU. The
+    teacher folder is the recipe's own (`teacher-<name>`), so smoke runs of recipes with different
+    teachers do not collide."""
     quick = ["train.steps=3", "train.warmup_steps=0", "train.checkpoint_every=2", "train.log_every=1",
              "output.dir=runs/train-quick"]
     if objective in TEACHER_OBJECTIVES:
-        quick += ["objective.params.teacher_count=16", "objective.params.trajectories=runs/train-quick/teacher"]
+        folder = f"runs/train-quick/teacher-{name}" if name else "runs/train-quick/teacher"
+        quick += ["objective.params.teacher_count=16", f"objective.params.trajectories={folder}"]
     return quick
 
 
