@@ -3,9 +3,9 @@
 `add_lora` puts a peft `LoraConfig` adapter on a diffusers model with `model.add_adapter`, on
 the attention and feed-forward Linear layers of its transformer blocks (`block_lora_targets`,
 read off the model by caching's layout discovery, so any transformer family gets them; UNets use
-the `LORA_TARGETS` table) or on the `targets` given, and leaves only the LoRA weights trainable. `save_lora` writes the file
-`pipe.load_lora_weights` reads: keys `<component>.<module>.lora_A.weight` /
-`.lora_B.weight` as `FluxPipeline.save_lora_weights` writes them, diffusers'
+the `LORA_TARGETS` table) or on the `targets` given, and leaves only the LoRA weights trainable.
+`save_lora` writes the file `pipe.load_lora_weights` reads: keys `<component>.<module>.lora_A.weight`
+/ `.lora_B.weight` as `FluxPipeline.save_lora_weights` writes them, diffusers'
 `lora_adapter_metadata` (the LoraConfig, so rank and alpha load as trained) and our own header
 keys, e.g. what the adapter was trained for (`accel.solver`, `accel.steps`, `accel.cache`,
 `accel.method`), which the stack resolver reads and enforces.

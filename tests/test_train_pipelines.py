@@ -205,8 +205,8 @@ def test_gradient_checkpointing_gives_the_same_loss_and_gradients(folders, tmp_p
     assert torch.equal(grads[0][0], grads[1][0])
     assert all(torch.allclose(a, b, rtol=1e-5, atol=1e-7) for a, b in zip(grads[0][1], grads[1][1]))
     with pytest.raises(ValueError, match="gradient_checkpointing with a cache"):
-        lora_objective_from_params("cache-aware", {**params, "steps": 10, "cache": "fora", "gradient_checkpointing": True},
-                                   0, _section(folders("flux")))
+        lora_objective_from_params("cache-aware", {**params, "steps": 10, "cache": "fora",
+                                                   "gradient_checkpointing": True}, 0, _section(folders("flux")))
 
 
 @pytest.mark.parametrize("recipe", ["train/flux-dev-step-4", "train/wan21-t2v-cache-aware"])

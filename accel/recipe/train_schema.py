@@ -2,9 +2,9 @@
 
 The `model` section is the run recipes' (`accel.recipe.schema.ModelConfig`: an embedded name, a
 local pipeline folder or a cached hub id, dtype, device, from_pretrained options); the
-distillation objectives train on that pipeline. The `train` section has exactly the fields of `distill.training.TrainConfig` (less its folders,
-which come from `output`), built from that dataclass so the two cannot drift apart; values are
-checked by TrainConfig's own validation. The objective is chosen by name from
+distillation objectives train on that pipeline. The `train` section has exactly the fields of
+`distill.training.TrainConfig` (less its folders, which come from `output`), built from that
+dataclass so the two cannot drift apart; values are checked by TrainConfig's own validation. The objective is chosen by name from
 `accel.train.OBJECTIVES` and its `params` are checked by that objective's builder. Every field is
 documented in docs/recipes.md (tests/test_recipes.py checks it).
 """

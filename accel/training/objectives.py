@@ -61,7 +61,8 @@ def split_params(params: Mapping[str, Any], extra: dict[str, Any], config_type: 
         raise _error(f"objective.params.{unknown[0]}: not a parameter of {what}; allowed: "
                      f"{', '.join(sorted(set(allowed) | config_keys))}")
     settings = {**allowed, **{k: v for k, v in params.items() if k in allowed}}
-    config = checked(lambda: config_type(**{**config_defaults, **{k: v for k, v in params.items() if k in config_keys}}))
+    given = {k: v for k, v in params.items() if k in config_keys}
+    config = checked(lambda: config_type(**{**config_defaults, **given}))
     return settings, config
 
 
@@ -145,7 +146,8 @@ def _frozen(prepared: PreparedPipeline) -> Any:
 def build_trajectory_objective(name: str, prepared: PreparedPipeline, *, config: TrajectoryConfig, rank: int,
                                alpha: float | None = None, targets: list[str] | None = None, cache: str | None = None,
                                cache_params: dict[str, Any] | None = None, guidance: float = 1.0,
-                               uncond_interval: int = 1, gradient_checkpointing: bool = False) -> TrajectoryDistillation:
+                               uncond_interval: int = 1,
+                               gradient_checkpointing: bool = False) -> TrajectoryDistillation:
     """A step-distillation ("step-distill") or cache-aware ("cache-aware") LoRA objective.
 
     Args:

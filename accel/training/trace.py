@@ -195,7 +195,8 @@ class Conditioning:
             metadata = dict(handle.metadata() or {})
         layout = json.loads(metadata.pop("accel.conditioning"))
         tensors = load_file(str(path))
-        part = lambda name: {k.split(NEST, 1)[1]: v for k, v in tensors.items() if k.startswith(name + NEST)}  # noqa: E731
+        part = lambda name: {k.split(NEST, 1)[1]: v for k, v in tensors.items()  # noqa: E731
+                             if k.startswith(name + NEST)}
         shape = layout["timestep_shape"]
         return cls(part("rows"), part("shared"), layout["constants"], layout["prompts"], layout["has_uncond"],
                    layout["mode"], layout["x_name"], tuple(layout["x_shape"]), getattr(torch, layout["x_dtype"]),
