@@ -182,10 +182,23 @@ def test_a_killed_run_resumes_bitwise(folders, tmp_path):
     whole = train(build(), config("whole"))
     with pytest.raises(SimulatedKill):
         train(Killed(build(), at=2), config("pieces"))
+    newest = tmp_path / "pieces" / "checkpoints" / "step-0000002" / "weights.safetensors"
+    newest.write_bytes(newest.read_bytes()[:-8] + bytes(8))  # a corrupt newest checkpoint is skipped
     resumed = train(build(), config("pieces"))
-    assert resumed.resumed_from == 2 and resumed.steps_done == 3
+    assert resumed.resumed_from == 1 and resumed.steps_done == 3
     a, b = load_file(str(whole.exported)), load_file(str(resumed.exported))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_nan_loss_on_the_pipeline_path_stops_with_its_step(folders, tmp_path):
+    from distill.training import TrainingError
+
+    objective = lora_objective_from_params("step-distill", _params("flux", tmp_path / "teacher"), 0,
+                                           _section(folders("flux")))
+    with torch.no_grad():
+        next(p for n, p in objective.module().named_parameters() if "lora_B" in n).fill_(float("nan"))
+    with pytest.raises(TrainingError, match="loss is nan at step 0"):
+        train(objective, TrainConfig(steps=3, out_dir=tmp_path / "run", log_every=1))
 
 
 def test_gradient_checkpointing_gives_the_same_loss_and_gradients(folders, tmp_path):
