@@ -189,8 +189,9 @@ def _base_model_line(path: str, run: RunInfo) -> str | None:
         return None
     if base != run.model_identity:
         raise StackError(f"adapter {path} was trained on base model weights {base}, but {run.owner}'s "
-                         f"{run.model_class} is {run.model_identity} (another model, or the same in another dtype); use the adapter with "
-                         "the model it was trained on or train one for this model (`accel train`)")
+                         f"{run.model_class} is {run.model_identity} (another model, or the same in another "
+                         "dtype); use the adapter with the model it was trained on or train one for this model "
+                         "(`accel train`)")
     return f"base model {base} matches"
 
 
