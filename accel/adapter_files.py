@@ -17,6 +17,8 @@ from accel.stack import StackError
 
 # Safetensors metadata keys by which a distilled adapter names what it was trained for.
 TRAINED_FOR_KEYS = ("accel.solver", "accel.steps", "accel.cache", "accel.uncond_interval")
+# The weights identity (accel.lab.fingerprint.module_identity) of the denoiser an adapter was trained on.
+BASE_MODEL_KEY = "accel.base_model"
 # The recipe key that sets each of them (for the fix in a refusal).
 TRAINED_FOR_RECIPE_KEYS = {"solver": "sampler.solver", "steps": "sampler.steps", "cache": "cache.preset",
                            "uncond_interval": "guidance.uncond_interval"}

@@ -153,7 +153,9 @@ def _scheduler_config(pipe: Any) -> dict[str, Any]:
 
 
 def run_info_for(pipe: Any, stack: Stack) -> RunInfo:
-    """What `stack` is resolved against on `pipe`: its denoiser, prediction type and guidance calls."""
+    """What `stack` is resolved against on `pipe`: its denoiser, prediction type and guidance calls,
+    and, when the stack brings adapters, the denoiser's weights identity (their base-model check;
+    a few KiB read per tensor, so only then)."""
     _, denoiser = _denoiser(pipe)
     sampler = stack.sampler
     try:
@@ -172,12 +174,17 @@ def run_info_for(pipe: Any, stack: Stack) -> RunInfo:
     guidance = stack.guidance
     mode = ("none" if not guidance.has_uncond_pass else
             "batched" if branch_mode(type(pipe)) == "batched" else "separate")
+    identity = None
+    if stack.adapters:
+        from accel.lab.fingerprint import module_identity
+
+        identity = module_identity(denoiser)
     return RunInfo(model_class=type(denoiser).__name__, model_kind=kind, prediction_type=probe.prediction,
                    num_steps=stack.sampler.steps, guidance=mode, num_blocks=num_blocks,
                    noise_family=probe.model_schedule.name, pipeline_class=type(pipe).__name__,
                    supports_lora=hasattr(pipe, "load_lora_weights"), schedule=walk.describe(),
                    starts_mid_walk="strength" in inspect.signature(type(pipe).__call__).parameters,
-                   context_parallel=context_parallel_size(denoiser))
+                   context_parallel=context_parallel_size(denoiser), model_identity=identity)
 
 
 # ---------------------------------------------------------------------------------------- apply

@@ -23,8 +23,8 @@ import samplers
 from caching import RunSchedule
 from caching.config import CacheConfig
 
-from accel.adapter_files import (TRAINED_FOR_KEYS, TRAINED_FOR_RECIPE_KEYS, adapter_file, read_adapter_metadata,
-                                 read_trained_for)
+from accel.adapter_files import (BASE_MODEL_KEY, TRAINED_FOR_KEYS, TRAINED_FOR_RECIPE_KEYS, adapter_file,
+                                 read_adapter_metadata, read_trained_for)
 from accel.resolve_parallel import context_parallel_decisions
 from accel.stack import CachePlan, Stack, StackError
 
@@ -62,6 +62,8 @@ class RunInfo:
             inpainting with strength < 1).
         context_parallel: ranks sharing the denoiser's tokens (diffusers context parallelism), 1
             without it.
+        model_identity: the denoiser's weights identity (accel.lab.fingerprint.module_identity),
+            when known; adapters that name the base model they were trained on are held to it.
     """
 
     model_class: str
@@ -76,6 +78,7 @@ class RunInfo:
     schedule: str | None = None
     starts_mid_walk: bool = False
     context_parallel: int = 1
+    model_identity: str | None = None
 
     def __post_init__(self) -> None:
         if self.guidance not in GUIDANCE_MODES:
@@ -183,15 +186,32 @@ def mid_walk_start_needs_one_evaluation(stack: Stack, run: RunInfo) -> Decision:
                    f"is refused; for those use one of: {able})"]
 
 
+def _base_model_line(path: str, run: RunInfo) -> str | None:
+    """Refuses an adapter trained on other base weights than the run's denoiser; the match, in words."""
+    base = read_adapter_metadata(path).get(BASE_MODEL_KEY)
+    if base is None or run.model_identity is None:
+        return None
+    if base != run.model_identity:
+        raise StackError(f"adapter {path} was trained on base model weights {base}, but {run.owner}'s "
+                         f"{run.model_class} is {run.model_identity} (another model, or the same in another "
+                         "dtype); use the adapter with the model it was trained on or train one for this model "
+                         "(`accel train`)")
+    return f"base model {base} matches"
+
+
 def adapters_trained_for(stack: Stack, run: RunInfo) -> Decision:
-    """An adapter that names the (solver, steps, cache, uncond reuse) it was trained for runs only with those."""
+    """An adapter that names the (solver, steps, cache, uncond reuse) it was trained for runs only with
+    those, and one that names its base model's weights identity only on that model."""
     lines = []
     cache = stack.cache.preset if stack.cache is not None else "none"
     actual = {"solver": stack.sampler.solver, "steps": str(run.num_steps), "cache": cache,
               "uncond_interval": str(stack.guidance.uncond_interval)}
     for adapter in stack.adapters:
+        base = _base_model_line(adapter.path, run)
         trained = read_trained_for(adapter.path)
         if not trained:
+            if base is not None:
+                lines.append(f"adapter-trained-for: {adapter_file(adapter.path).name}: {base}")
             continue
         wanted = ", ".join(f"{k}={v}" for k, v in trained.items())
         mismatched = [k for k, v in trained.items() if actual[k] != v]
@@ -200,7 +220,8 @@ def adapters_trained_for(stack: Stack, run: RunInfo) -> Decision:
             fix = ", ".join(f"{TRAINED_FOR_RECIPE_KEYS[k]}={trained[k]}" for k in mismatched)
             raise StackError(f"adapter {adapter.path} was trained for {wanted}, but the stack gives {have}; "
                              f"set {fix} or use an adapter trained for this stack")
-        lines.append(f"adapter-trained-for: {adapter_file(adapter.path).name} trained for {wanted} -> matches")
+        tail = f"; {base}" if base is not None else ""
+        lines.append(f"adapter-trained-for: {adapter_file(adapter.path).name} trained for {wanted} -> matches{tail}")
     return stack, lines
 
 

@@ -1,10 +1,11 @@
 """LoRA adapters for diffusers models: add (peft), read, and save in diffusers' LoRA format.
 
 `add_lora` puts a peft `LoraConfig` adapter on a diffusers model with `model.add_adapter`, on
-the attention and feed-forward Linear layers named in `LORA_TARGETS` for the model's class (or
-on the `targets` given), and leaves only the LoRA weights trainable. `save_lora` writes the file
-`pipe.load_lora_weights` reads: keys `<component>.<module>.lora_A.weight` /
-`.lora_B.weight` as `FluxPipeline.save_lora_weights` writes them, diffusers'
+the attention and feed-forward Linear layers of its transformer blocks (`block_lora_targets`,
+read off the model by caching's layout discovery, so any transformer family gets them; UNets use
+the `LORA_TARGETS` table) or on the `targets` given, and leaves only the LoRA weights trainable.
+`save_lora` writes the file `pipe.load_lora_weights` reads: keys `<component>.<module>.lora_A.weight`
+/ `.lora_B.weight` as `FluxPipeline.save_lora_weights` writes them, diffusers'
 `lora_adapter_metadata` (the LoraConfig, so rank and alpha load as trained) and our own header
 keys, e.g. what the adapter was trained for (`accel.solver`, `accel.steps`, `accel.cache`,
 `accel.method`), which the stack resolver reads and enforces.
@@ -44,16 +45,45 @@ LORA_TARGETS: dict[str, tuple[str, ...]] = {
 
 
 def lora_targets(model: nn.Module) -> tuple[str, ...]:
-    """The LoRA target names for the model's class.
+    """The default LoRA targets of a model: `block_lora_targets` for a transformer whose blocks
+    caching can read off, else the `LORA_TARGETS` entry of its class.
 
     Raises:
-        ValueError: no targets are known for the class (the message lists the known classes).
+        ValueError: neither is known (the message lists the classes of the table).
     """
     name = type(model).__name__
+    found = block_lora_targets(model)
+    if found:
+        return found
     if name not in LORA_TARGETS:
-        raise ValueError(f"no LoRA targets known for {name}; pass targets=[...] (module-name suffixes) "
-                         f"or use one of: {', '.join(sorted(LORA_TARGETS))}")
+        raise ValueError(f"no LoRA targets known for {name} (no transformer blocks found); pass targets=[...] "
+                         f"(module-name suffixes) or use one of: {', '.join(sorted(LORA_TARGETS))}")
     return LORA_TARGETS[name]
+
+
+def block_lora_targets(model: nn.Module) -> tuple[str, ...]:
+    """Full names of the Linear layers inside the attention and feed-forward children of every
+    transformer block, as caching's block layouts name them (`BlockLayout.attention` of every
+    kind, and `token_modules`: FLUX's single blocks' `proj_mlp` / `proj_out`); () for a model whose
+    blocks caching cannot read off, or a UNet."""
+    import caching
+    from caching.layouts import transformer_blocks
+
+    try:
+        layout = caching.get_model_layout(model)
+        blocks = transformer_blocks(model, layout) if layout.kind == "transformer" else []
+    except (ValueError, TypeError):
+        return ()
+    names: list[str] = []
+    for ref in blocks:
+        children = [n for kind in ref.layout.attention.values() for n in kind] + list(ref.layout.token_modules)
+        for child in dict.fromkeys(children):
+            module = caching.layouts.submodule(ref.module, child)
+            if isinstance(module, nn.Linear):
+                names.append(f"{ref.name}.{child}")
+            elif module is not None:
+                names += [f"{ref.name}.{child}.{n}" for n, m in module.named_modules() if isinstance(m, nn.Linear)]
+    return tuple(dict.fromkeys(names))
 
 
 def _peft_targets(model: nn.Module, targets: Sequence[str]) -> list[str]:
@@ -80,7 +110,7 @@ def add_lora(model: nn.Module, rank: int, alpha: Optional[float] = None, targets
         rank: LoRA rank r (>= 1).
         alpha: LoRA alpha (scale alpha / r); None means alpha = rank.
         targets: module-name suffixes to adapt ("a.*.b" matches numbered blocks); None uses
-            LORA_TARGETS for the model's class.
+            `lora_targets(model)` (the attention and feed-forward Linears of its blocks).
         adapter_name: the peft adapter name.
         dropout: LoRA dropout.
 

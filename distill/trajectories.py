@@ -121,7 +121,8 @@ def _run_chunk(denoiser, noise, cond, spec, sigmas) -> tuple[torch.Tensor, torch
         states.append(x.detach().cpu())
         x0s.append(x0.detach().cpu())
 
-    spec.fn(denoiser, noise, sigmas, cond=cond, callback=keep)
+    with torch.no_grad():
+        spec.fn(denoiser, noise, sigmas, cond=cond, callback=keep)
     return torch.stack(states, dim=1), torch.stack(x0s, dim=1)
 
 

@@ -65,7 +65,8 @@ def test_every_known_class_gets_lora_on_its_attention_and_only_lora_trains(name)
 
 
 def test_unknown_model_class_and_bad_arguments_are_clear_errors(tmp_path):
-    with pytest.raises(ValueError, match="no LoRA targets known for Linear; pass targets=.*FluxTransformer2DModel"):
+    with pytest.raises(ValueError, match=r"no LoRA targets known for Linear \(no transformer blocks found\); "
+                                         r"pass targets=.*FluxTransformer2DModel"):
         add_lora(torch.nn.Linear(2, 2), rank=2)
     model = tiny_model("FluxTransformer2DModel").model
     with pytest.raises(ValueError, match="LoRA rank: 0 must be an integer >= 1"):

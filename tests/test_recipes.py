@@ -128,7 +128,7 @@ def test_every_training_recipe_field_and_objective_param_is_documented():
     from omegaconf import OmegaConf
 
     from accel.recipe.train_schema import TrainRecipe
-    from accel.distill_embedded import LORA_DEFAULTS, TEACHER_DEFAULTS
+    from accel.training.objectives import LORA_DEFAULTS, ROUTER_DEFAULTS, TEACHER_DEFAULTS
     from accel.train import DDPMParams, FlowMatchingParams
     from distill.objectives.router import RouterConfig
     from distill.objectives.trajectory import TrajectoryConfig
@@ -137,11 +137,11 @@ def test_every_training_recipe_field_and_objective_param_is_documented():
     training = docs[docs.index("## Training recipes"):]
     keys = list(_schema_keys(OmegaConf.structured(TrainRecipe)))
     keys += sorted({f"objective.params.{f.name}" for p in (FlowMatchingParams, DDPMParams) for f in fields(p)})
-    distill = {*TEACHER_DEFAULTS, *LORA_DEFAULTS, "threshold"}
+    distill = {*TEACHER_DEFAULTS, *LORA_DEFAULTS, *ROUTER_DEFAULTS}
     distill |= {f.name for p in (TrajectoryConfig, RouterConfig) for f in fields(p)}
     keys += sorted(f"objective.params.{name}" for name in distill)
     missing = [k for k in keys if f"`{k}`" not in training]
-    assert len(keys) > 50 and "objective.params.teacher_solver" in keys and missing == []
+    assert len(keys) > 60 and "objective.params.lora_targets" in keys and "model.name" in keys and missing == []
 
 
 def test_recipes_show_resolves_training_recipes(capsys):

@@ -1,8 +1,10 @@
-"""The training-recipe schema (`accel train RECIPE`): objective, loop settings, output.
+"""The training-recipe schema (`accel train RECIPE`): model, objective, loop settings, output.
 
-The `train` section has exactly the fields of `distill.training.TrainConfig` (less its folders,
-which come from `output`), built from that dataclass so the two cannot drift apart; values are
-checked by TrainConfig's own validation. The objective is chosen by name from
+The `model` section is the run recipes' (`accel.recipe.schema.ModelConfig`: an embedded name, a
+local pipeline folder or a cached hub id, dtype, device, from_pretrained options); the
+distillation objectives train on that pipeline. The `train` section has exactly the fields of
+`distill.training.TrainConfig` (less its folders, which come from `output`), built from that
+dataclass so the two cannot drift apart; values are checked by TrainConfig's own validation. The objective is chosen by name from
 `accel.train.OBJECTIVES` and its `params` are checked by that objective's builder. Every field is
 documented in docs/recipes.md (tests/test_recipes.py checks it).
 """
@@ -17,6 +19,7 @@ from typing import Any
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from accel.recipe.schema import ModelConfig
 from distill.training import TrainConfig
 
 _FOLDERS = ("out_dir", "export_dir")
@@ -61,9 +64,10 @@ class TrainOutputSection:
 
 @dataclass
 class TrainRecipe:
-    """A training run: objective, loop settings and output folder."""
+    """A training run: model, objective, loop settings and output folder."""
 
     name: str = MISSING
+    model: ModelConfig = field(default_factory=ModelConfig)  # the pipeline step-distill / cache-aware / router train on
     objective: ObjectiveSection = field(default_factory=ObjectiveSection)
     train: TrainSection = field(default_factory=TrainSection)  # type: ignore[valid-type]
     output: TrainOutputSection = field(default_factory=TrainOutputSection)

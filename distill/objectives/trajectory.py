@@ -46,8 +46,10 @@ class TrajectoryConfig:
     Attributes:
         steps: student solver steps.
         solver: student solver (samplers registry; one evaluation per step).
-        schedule: the student's schedule (samplers registry); teacher states between two recorded
-            sigmas are interpolated linearly (exact when the student's sigmas are on the grid).
+        schedule: the student's schedule: a samplers registry name, or "auto" when the caller
+            gives the walk itself (`TrajectoryDistillation(sigmas=...)`, e.g. the walk a pipeline's
+            own scheduler takes); teacher states between two recorded sigmas are interpolated
+            linearly (exact when the student's sigmas are on the grid).
         batch_size: trajectories per micro-batch.
         loss: "segments" or "rollout" (see the module docstring).
         seed: batch selection seed.
@@ -71,7 +73,8 @@ class TrajectoryConfig:
         if spec.evals_per_step != 1:
             raise ValueError(f"student solver {self.solver!r} takes {spec.evals_per_step} evaluations a "
                              "step; use euler, ddim, dpmpp_2m or unipc_bh2")
-        samplers.get_schedule(self.schedule)
+        if self.schedule != "auto":
+            samplers.get_schedule(self.schedule)
 
 
 class TrajectoryDistillation:
@@ -86,19 +89,33 @@ class TrajectoryDistillation:
         export: writes the adapter: `export(out_dir) -> path`.
         install_cache: installs the inference cache on the student, returning a callable that
             removes it; None trains without a cache.
+        sigmas: (steps + 1,) the student's walk; None builds it from `config.schedule` (required
+            when that is "auto").
     """
 
     def __init__(self, name: str, module: nn.Module, student: samplers.Denoiser, teacher: Trajectories,
                  config: TrajectoryConfig, export: Callable[[Path], Path],
-                 install_cache: Callable[[], Callable[[], None]] | None = None):
+                 install_cache: Callable[[], Callable[[], None]] | None = None,
+                 sigmas: torch.Tensor | None = None):
         self.name = name
         self._module = module
         self._student = student
         self._teacher = teacher
         self.config = config
         self._export = export
-        self.sigmas = samplers.make_sigmas(config.schedule, config.steps, student.schedule).to(torch.float32)
+        self.sigmas = self._walk(config, student, sigmas)
         self._remove_cache = install_cache() if install_cache is not None else None
+
+    @staticmethod
+    def _walk(config: TrajectoryConfig, student: samplers.Denoiser, sigmas: torch.Tensor | None) -> torch.Tensor:
+        if sigmas is None:
+            if config.schedule == "auto":
+                raise ValueError("schedule 'auto' needs the student's walk: pass sigmas=...")
+            return samplers.make_sigmas(config.schedule, config.steps, student.schedule).to(torch.float32)
+        sigmas = torch.as_tensor(sigmas, dtype=torch.float32).detach().cpu()
+        if sigmas.shape != (config.steps + 1,):
+            raise ValueError(f"the student's walk has {len(sigmas) - 1} steps, the config {config.steps}")
+        return sigmas
 
     def module(self) -> nn.Module:
         return self._module

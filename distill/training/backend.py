@@ -39,20 +39,32 @@ def is_deepspeed(accelerator) -> bool:
     return accelerator.distributed_type == DistributedType.DEEPSPEED
 
 
-def make_accelerator(config: TrainConfig):
-    """The Accelerator for a run: mixed precision, accumulation, and DeepSpeed settings from `config`."""
+def _cpu_group() -> bool:
+    """Without a GPU, launched processes join a gloo group on the CPU (cpu=True); a DeepSpeed launch
+    must not pass cpu=True, or accelerate drops DeepSpeed (it then uses DeepSpeed's CPU backend)."""
     import os
 
+    deepspeed_launch = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+    return not torch.cuda.is_available() and not deepspeed_launch
+
+
+def launch_state():
+    """accelerate's PartialState, set up as `make_accelerator` will set it up (for work before the
+    loop starts, e.g. `state.main_process_first()` around files every process then reads)."""
+    from accelerate import PartialState
+
+    return PartialState(cpu=_cpu_group())
+
+
+def make_accelerator(config: TrainConfig):
+    """The Accelerator for a run: mixed precision, accumulation, and DeepSpeed settings from `config`."""
     from accelerate import Accelerator, DistributedDataParallelKwargs
 
-    # Without a GPU, launched processes join a gloo group on the CPU (cpu=True); a DeepSpeed launch
-    # must not pass cpu=True, or accelerate drops DeepSpeed (it then uses DeepSpeed's CPU backend).
-    deepspeed_launch = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
     # find_unused_parameters: an objective may leave trainable weights out of some forwards (a
     # cache skipping the blocks that hold part of a LoRA); DDP would otherwise wait for their grads.
     accelerator = Accelerator(mixed_precision=config.mixed_precision,
                               gradient_accumulation_steps=config.grad_accumulation,
-                              cpu=not torch.cuda.is_available() and not deepspeed_launch,
+                              cpu=_cpu_group(),
                               kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)])
     if is_deepspeed(accelerator):
         plugin = accelerator.state.deepspeed_plugin
