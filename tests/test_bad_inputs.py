@@ -281,19 +281,17 @@ def test_non_finite_images_stop_with_one_line_and_no_segfault(tmp_path, override
 
 
 def test_evaluator_refuses_non_finite_images_before_any_metric():
-    from accel.execute import Evaluator
-    from accel.measure import NonFiniteImagesError
+    from accel.lab.evaluate import EvalError, Evaluator
+    from accel.lab.inputs import Inputs
 
-    def recipe(metrics):
-        return OmegaConf.create({"eval": {"metrics": metrics, "real_samples": 8}, "inputs": {"resolution": 16}})
-
-    evaluate = Evaluator(recipe(["psnr", "ssim", "fd", "accuracy"]), torch.tensor([0, 1]))
+    inputs = Inputs(seeds=(0, 1), labels=(0, 1), height=16, width=16)
+    evaluate = Evaluator(["psnr", "ssim", "fd", "accuracy"], inputs, embedded=True, real_samples=8)
     reference = torch.zeros(2, 1, 16, 16)
     images = reference.clone()
     images[1, 0, 3, 4] = float("nan")
-    with pytest.raises(NonFiniteImagesError, match=r"^cell-7: 1 of 512 generated values"):
+    with pytest.raises(EvalError, match=r"^cell-7: the generated images are not finite"):
         evaluate(images, reference, "cell-7")
     images[1, 0, 3, 4] = float("inf")  # clamping to [0, 1] would hide an infinity: checked before
-    with pytest.raises(NonFiniteImagesError, match="cell-7"):
+    with pytest.raises(EvalError, match="cell-7"):
         evaluate(images, reference, "cell-7")
-    assert Evaluator(recipe(["psnr"]), torch.tensor([0, 1]))(reference, reference) == {"psnr": 100.0}
+    assert Evaluator(["psnr"], inputs, embedded=False)(reference, reference) == {"psnr": 100.0}

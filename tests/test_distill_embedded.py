@@ -89,8 +89,7 @@ def test_uncond_reuse_student_skips_the_uncond_branch_and_records_it(model, teac
 
 
 def test_router_moves_gates_exports_a_router_and_is_held_to_its_solver_and_steps(model, teacher_folder, tmp_path):
-    from accel.native import run_info_for
-    from accel.resolve import StackError, resolve
+    from accel.resolve import RunInfo, StackError, resolve
     from accel.stack import CachePlan, GuidancePlan, SamplerPlan, Stack
 
     params = {k: v for k, v in _params(teacher_folder, batch_size=2, penalty=0.5).items() if k not in ("rank", "steps")}
@@ -105,11 +104,12 @@ def test_router_moves_gates_exports_a_router_and_is_held_to_its_solver_and_steps
     def stack(solver: str, steps: int) -> Stack:
         return Stack(SamplerPlan(solver, steps), CachePlan("router", {"path": str(path)}), (), GuidancePlan(4.0))
 
-    from accel.embedded.model import load_flux_digits
+    def run_info_for(steps: int) -> RunInfo:  # the tiny digit transformer: 3 blocks
+        return RunInfo(model_class="FluxTransformer2DModel", model_kind="transformer", prediction_type="flow",
+                       num_steps=steps, guidance="separate", num_blocks=3)
 
-    digits = load_flux_digits(model.name)
-    resolved = resolve(stack("euler", 8), run_info_for(digits, stack("euler", 8)))
+    resolved = resolve(stack("euler", 8), run_info_for(8))
     assert any(line.startswith("router-trained-for") for line in resolved.decisions)
     for solver, steps in (("euler", 6), ("dpmpp_2m", 8)):
         with pytest.raises(StackError, match="was trained for solver=euler, steps=8"):
-            resolve(stack(solver, steps), run_info_for(digits, stack(solver, steps)))
+            resolve(stack(solver, steps), run_info_for(steps))

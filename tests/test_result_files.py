@@ -14,33 +14,28 @@ from safetensors.torch import load_file
 from accel import io
 
 
-def test_corrupt_reference_cache_is_rebuilt_with_a_message(tmp_path, capsys):
-    from accel.execute import _cached_generation
+def test_a_corrupt_stored_image_file_is_measured_again_with_a_message(tmp_path, capsys):
+    from accel.lab.records import RecordStore
 
-    cache = tmp_path / ".reference-cache" / "key.safetensors"
-    cache.parent.mkdir()
-    cache.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{\"images\": ")  # cut short
-    calls = []
-
-    def generate():
-        calls.append(1)
-        return torch.ones(2, 1, 4, 4), 123
-
-    images, flops = _cached_generation(cache, generate, "reference")
-    assert calls == [1] and flops == 123 and torch.equal(images, torch.ones(2, 1, 4, 4))
-    assert str(cache) in capsys.readouterr().err
-    images, flops = _cached_generation(cache, generate, "reference")  # the rebuilt file is read back
-    assert calls == [1] and flops == 123 and torch.equal(images, torch.ones(2, 1, 4, 4))
+    store = RecordStore(tmp_path / ".reference-cache")
+    store.add({"fingerprint": "key", "flops": 123}, torch.ones(2, 1, 4, 4))
+    assert torch.equal(RecordStore(store.folder).images("key"), torch.ones(2, 1, 4, 4))
+    path = store.image_path("key")
+    path.write_bytes(path.read_bytes()[:40])  # cut short
+    assert RecordStore(store.folder).images("key") is None and str(path) in capsys.readouterr().err
+    store.add({"fingerprint": "key", "flops": 123}, torch.ones(2, 1, 4, 4))  # the rebuilt file is read back
+    assert torch.equal(RecordStore(store.folder).images("key"), torch.ones(2, 1, 4, 4))
 
 
-def test_non_finite_images_are_never_cached(tmp_path):
-    from accel.execute import _cached_generation
-    from accel.measure import NonFiniteImagesError
+def test_a_record_whose_images_are_missing_is_not_reused(tmp_path):
+    from accel.lab.records import RecordStore
 
-    cache = tmp_path / "key.safetensors"
-    with pytest.raises(NonFiniteImagesError, match="^reference: 16 of 16"):
-        _cached_generation(cache, lambda: (torch.full((1, 1, 4, 4), float("nan")), 1), "reference")
-    assert not cache.exists()
+    store = RecordStore(tmp_path)
+    store.add({"fingerprint": "key", "psnr": 30.0}, torch.zeros(1, 1, 2, 2))
+    store.image_path("key").unlink()
+    assert RecordStore(tmp_path).get("key") is None
+    store.add({"fingerprint": "bare", "psnr": 31.0})  # a record without images needs none
+    assert RecordStore(tmp_path).get("bare")["psnr"] == 31.0
 
 
 def test_atomic_writes_keep_the_old_file_when_interrupted(tmp_path):

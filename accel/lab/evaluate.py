@@ -99,10 +99,10 @@ class Evaluator:
             return _image_reward(_model_path(settings, metric), self.inputs)
         return _judge_metric(metric, self.inputs, real_samples, resolution)
 
-    def __call__(self, images: torch.Tensor, reference: torch.Tensor) -> dict[str, float]:
-        """Every metric of `images` against `reference` (same shapes, [0, 1])."""
+    def __call__(self, images: torch.Tensor, reference: torch.Tensor, label: str = "images") -> dict[str, float]:
+        """Every metric of `images` against `reference` (same shapes, [0, 1]); `label` names the run in errors."""
         if not torch.isfinite(images).all():
-            raise EvalError("the generated images are not finite (NaN or inf); no metric can score them")
+            raise EvalError(f"{label}: the generated images are not finite (NaN or inf); no metric can score them")
         return {metric: float(score(images, reference)) for metric, score in self._scorers.items()}
 
 

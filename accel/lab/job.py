@@ -221,7 +221,7 @@ class Job:
         record.update(fingerprint=key, determined_by=payload)
         if score:
             reference, ref_images = self.reference()
-            record.update(self.evaluator(images, ref_images))
+            record.update(self.evaluator(images, ref_images, config.label))
             record["flops_speedup"] = reference["flops"] / record["flops"]
             record["wall_speedup"] = reference["wall_seconds"] / record["wall_seconds"]
         if is_main_process() or not split:
