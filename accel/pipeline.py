@@ -32,7 +32,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import inspect
 import logging
 import weakref
 from dataclasses import dataclass, field
@@ -42,21 +41,18 @@ import torch
 
 import caching
 from caching.hooks import InstalledHook, install_hook, uninstall_hooks
-from caching.parallel import context_parallel_size
 from samplers.diffusers_scheduler import AccelScheduler
 
 from accel.adapter_files import check_adapter_fits
 from accel.branch_hook import GuidanceBranchHook, branch_mode, guidance_active
 from accel.pipeline_lora import LoadedAdapters, check_removable, load_adapters, unload_adapters
+from accel.pipeline_info import pipeline_denoisers, run_info_for, scheduler_config  # noqa: F401 (run_info_for: API)
 from accel.placement import place_pipeline, stack_and_placement
 from accel.resolve import ResolvedStack, RunInfo, resolve
 from accel.stack import Stack, StackError
 from accel.stack_summary import StackSummary, summarize
 
 logger = logging.getLogger("accel")
-
-# Attributes that hold a pipeline's denoisers, in order; the first present one is the primary.
-DENOISER_ATTRIBUTES = ("transformer", "transformer_2", "unet")
 
 RunKey = tuple[int, str]  # (solver steps, guidance mode) of a pipeline call
 
@@ -122,78 +118,13 @@ class Applied:
 _APPLIED: "weakref.WeakKeyDictionary[Any, Applied]" = weakref.WeakKeyDictionary()
 
 
-# ---------------------------------------------------------------------------------------- run info
-
-
-def unwrap_compiled(model: torch.nn.Module) -> torch.nn.Module:
-    """The module a `torch.compile(module)` wrapper (OptimizedModule) compiles, else `model` itself.
-
-    Hooks go on the original module: the wrapper's compiled forward calls the original module's
-    `forward` attribute, so the compiled code runs the hooks (and recompiles once when they change).
-    """
-    original = getattr(model, "_orig_mod", None)
-    return original if isinstance(original, torch.nn.Module) else model
-
-
-def _denoiser(pipe: Any) -> tuple[str, torch.nn.Module]:
-    for name in ("transformer", "unet"):
-        model = getattr(pipe, name, None)
-        if isinstance(model, torch.nn.Module):
-            return name, unwrap_compiled(model)
-    raise StackError(f"{type(pipe).__name__} has neither a transformer nor a unet; accel.apply needs a "
-                     "diffusers pipeline with one of them")
-
-
-def _scheduler_config(pipe: Any) -> dict[str, Any]:
-    """The pipeline scheduler's whole config with its class name (a scheduler built in code has none).
-
-    AccelScheduler.from_config keeps it as `native_config`, the walk of `schedule: auto`.
-    """
-    return {**pipe.scheduler.config, "_class_name": type(pipe.scheduler).__name__}
-
-
-def run_info_for(pipe: Any, stack: Stack) -> RunInfo:
-    """What `stack` is resolved against on `pipe`: its denoiser, prediction type and guidance calls,
-    and, when the stack brings adapters, the denoiser's weights identity (their base-model check;
-    a few KiB read per tensor, so only then)."""
-    _, denoiser = _denoiser(pipe)
-    sampler = stack.sampler
-    try:
-        probe = AccelScheduler.from_config(_scheduler_config(pipe), solver="euler", schedule="auto")
-        walk = AccelScheduler.from_config(_scheduler_config(pipe), solver="euler", schedule=sampler.schedule,
-                                          schedule_options=dict(sampler.schedule_params) or None)
-    except ValueError as error:
-        raise StackError(f"{type(pipe).__name__}'s scheduler: {str(error).splitlines()[0]}") from None
-    try:
-        layout = caching.get_model_layout(denoiser)
-        kind = layout.kind
-        num_blocks = (len(caching.layouts.transformer_blocks(denoiser, layout)) if kind == "transformer"
-                      else None)
-    except ValueError:
-        kind, num_blocks = "other", None
-    guidance = stack.guidance
-    mode = ("none" if not guidance.has_uncond_pass else
-            "batched" if branch_mode(type(pipe)) == "batched" else "separate")
-    identity = None
-    if stack.adapters:
-        from accel.lab.fingerprint import module_identity
-
-        identity = module_identity(denoiser)
-    return RunInfo(model_class=type(denoiser).__name__, model_kind=kind, prediction_type=probe.prediction,
-                   num_steps=stack.sampler.steps, guidance=mode, num_blocks=num_blocks,
-                   noise_family=probe.model_schedule.name, pipeline_class=type(pipe).__name__,
-                   supports_lora=hasattr(pipe, "load_lora_weights"), schedule=walk.describe(),
-                   starts_mid_walk="strength" in inspect.signature(type(pipe).__call__).parameters,
-                   context_parallel=context_parallel_size(denoiser), model_identity=identity)
-
-
 # ---------------------------------------------------------------------------------------- apply
 
 
 def _new_scheduler(pipe: Any, stack: Stack) -> AccelScheduler:
     sampler = stack.sampler
     try:
-        scheduler = AccelScheduler.from_config(_scheduler_config(pipe), solver=sampler.solver,
+        scheduler = AccelScheduler.from_config(scheduler_config(pipe), solver=sampler.solver,
                                                schedule=sampler.schedule,
                                                schedule_options=dict(sampler.schedule_params) or None,
                                                solver_options=dict(sampler.solver_params) or None)
@@ -201,15 +132,6 @@ def _new_scheduler(pipe: Any, stack: Stack) -> AccelScheduler:
         raise StackError(f"{type(pipe).__name__}'s scheduler: {str(error).splitlines()[0]}") from None
     logger.info("%s: %s walks %s", type(pipe).__name__, sampler.solver, scheduler.describe())
     return scheduler
-
-
-def _denoisers(pipe: Any) -> list[tuple[str, torch.nn.Module]]:
-    """Every denoiser of the pipeline the stack acts on, the primary one first."""
-    found = [(name, unwrap_compiled(getattr(pipe, name))) for name in DENOISER_ATTRIBUTES
-             if isinstance(getattr(pipe, name, None), torch.nn.Module)]
-    if not found:
-        _denoiser(pipe)  # raises the one-line error
-    return found
 
 
 # ---------------------------------------------------------------------------------------- per call
@@ -365,7 +287,7 @@ def apply(pipe: Any, stack_or_recipe: Any) -> ResolvedStack:
     if pipe in _APPLIED:
         raise StackError(f"{type(pipe).__name__} already has a stack applied; call accel.remove(pipe) first")
     stack, placement = stack_and_placement(stack_or_recipe, pipe)
-    denoisers = _denoisers(pipe)
+    denoisers = pipeline_denoisers(pipe)
     base_run = run_info_for(pipe, stack)
     resolved = resolve(stack, base_run)
     primary_name, primary = denoisers[0]

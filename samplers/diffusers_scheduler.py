@@ -27,44 +27,14 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin, SchedulerOutpu
 
 from samplers.api import make_sigmas
 from samplers.denoiser import FlowSchedule, prediction_to_x0
-from samplers.loop import Evaluation, advance, check_sigmas, model_timestep
-from samplers.native_schedule import describe_native, native_class, native_walk
-from samplers.registry import DEFAULT_SCHEDULES, SOLVERS, SolverSpec, get_schedule, get_solver
+from samplers.loop import Evaluation, check_sigmas, model_timestep, plan_evaluations
+from samplers.native_schedule import describe_native, given_count, native_class, native_walk, values_key
+from samplers.registry import DEFAULT_SCHEDULES, SOLVERS, get_schedule, get_solver
 from samplers.schedules import optimized_solver_options, vp_schedule_from_betas
 from step_context import StepContext, new_generation, set_current
 
 PREDICTION_ALIASES = {"flow": "flow", "flow_prediction": "flow", "epsilon": "epsilon", "v": "v",
                       "v_prediction": "v", "x0": "x0", "sample": "x0"}
-
-
-def plan_evaluations(spec: SolverSpec, sigmas: torch.Tensor, schedule, options: dict) -> list[Evaluation]:
-    """The evaluation points of a solver on a walk, found by a dry run of its core on a zero sample."""
-    dry = dict(options)
-    if "generator" in inspect.signature(spec.steps).parameters:
-        dry["generator"] = torch.Generator().manual_seed(0)  # leaves the global random state alone
-    zero = torch.zeros(1, dtype=torch.float64)
-    core = spec.make_steps(zero, sigmas, schedule, **dry)
-    plan, (request, _) = [], advance(core, None)
-    while request is not None:
-        plan.append(Evaluation(torch.empty(0), request.sigma, request.step_index, request.stage))
-        request, _ = advance(core, zero)
-    return plan
-
-
-def _values_key(values) -> tuple | None:
-    """A hashable copy of the sigmas or timesteps a pipeline passed (None stays None)."""
-    if values is None:
-        return None
-    return tuple(torch.as_tensor(values, dtype=torch.float64).detach().cpu().reshape(-1).tolist())
-
-
-def _given_count(sigmas, timesteps) -> int | None:
-    """How many steps sigmas or timesteps passed by a pipeline ask for (a trailing 0 is the end)."""
-    given = sigmas if sigmas is not None else timesteps
-    if given is None:
-        return None
-    values = torch.as_tensor(given, dtype=torch.float64).detach().cpu().reshape(-1)
-    return len(values) - int(len(values) > 1 and float(values[-1]) == 0)
 
 
 def _format_options(options: dict) -> str:
@@ -303,7 +273,7 @@ class AccelScheduler(SchedulerMixin, ConfigMixin):
             native = native_walk(self.config.native_config, self.model_schedule,
                                  num_inference_steps=num_inference_steps, sigmas=sigmas, mu=mu, timesteps=timesteps)
             return native.sigmas, dict(zip(native.sigmas.tolist(), native.timesteps.tolist()))
-        given = _given_count(sigmas, timesteps)  # a named schedule takes only the count of given levels
+        given = given_count(sigmas, timesteps)  # a named schedule takes only the count of given levels
         num_inference_steps = given if given is not None else num_inference_steps
         if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) \
                 or num_inference_steps < 1:
@@ -328,7 +298,7 @@ class AccelScheduler(SchedulerMixin, ConfigMixin):
         if num_inference_steps is not None and (isinstance(num_inference_steps, bool) or
                                                 not isinstance(num_inference_steps, int) or num_inference_steps < 1):
             raise ValueError(f"num_inference_steps must be an integer >= 1, got {num_inference_steps!r}")
-        key = (num_inference_steps, None if mu is None else float(mu), _values_key(sigmas), _values_key(timesteps))
+        key = (num_inference_steps, None if mu is None else float(mu), values_key(sigmas), values_key(timesteps))
         known = self._walks.get(key)
         if known is None:
             known = self._build_walk(num_inference_steps, sigmas, mu, timesteps)

@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 from dataclasses import dataclass
-from typing import Callable, Generator, Iterator
+from typing import TYPE_CHECKING, Callable, Generator, Iterator
 
 import torch
 
 from step_context import StepContext, current_step, new_generation, publish_step
+
+if TYPE_CHECKING:
+    from samplers.registry import SolverSpec
 
 
 @dataclass(frozen=True)
@@ -129,3 +133,17 @@ def run_solver(steps: SolverSteps, denoiser, sigmas: torch.Tensor, *, order: int
         if callback is not None:
             callback(index, result if request is None else request.x, first_x0)
     return result
+
+
+def plan_evaluations(spec: "SolverSpec", sigmas: torch.Tensor, schedule, options: dict) -> list[Evaluation]:
+    """The evaluation points of a solver on a walk, found by a dry run of its core on a zero sample."""
+    dry = dict(options)
+    if "generator" in inspect.signature(spec.steps).parameters:
+        dry["generator"] = torch.Generator().manual_seed(0)  # leaves the global random state alone
+    zero = torch.zeros(1, dtype=torch.float64)
+    core = spec.make_steps(zero, sigmas, schedule, **dry)
+    plan, (request, _) = [], advance(core, None)
+    while request is not None:
+        plan.append(Evaluation(torch.empty(0), request.sigma, request.step_index, request.stage))
+        request, _ = advance(core, zero)
+    return plan

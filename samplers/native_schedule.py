@@ -184,3 +184,19 @@ def describe_native(config: Mapping, family: str) -> str:
     if family != "flow" and not kinds:  # spacing and offset only matter to timestep-spaced walks
         parts += _vp_parts(config)
     return f"{family}, {', '.join(parts) or 'default spacing'} (from the pipeline's {config.get('_class_name')})"
+
+
+def values_key(values) -> tuple | None:
+    """A hashable copy of the sigmas or timesteps a pipeline passed (None stays None)."""
+    if values is None:
+        return None
+    return tuple(torch.as_tensor(values, dtype=torch.float64).detach().cpu().reshape(-1).tolist())
+
+
+def given_count(sigmas, timesteps) -> int | None:
+    """How many steps sigmas or timesteps passed by a pipeline ask for (a trailing 0 is the end)."""
+    given = sigmas if sigmas is not None else timesteps
+    if given is None:
+        return None
+    values = torch.as_tensor(given, dtype=torch.float64).detach().cpu().reshape(-1)
+    return len(values) - int(len(values) > 1 and float(values[-1]) == 0)

@@ -13,15 +13,14 @@ Used by tests/test_pipeline_families.py and scripts/family_table.py.
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
 
 from caching.testing import tiny_model
-
-Built = tuple[Any, dict]
+from tiny_parts import Built, cond, embeds, flux_scheduler, make_pipeline, masks, pixart_dpm, pooled, unipc_flow
+from tiny_video_pipelines import allegro, cogvideox, hunyuanvideo, ltx, mochi, wan
 
 
 @dataclass(frozen=True)
@@ -41,64 +40,10 @@ class Family:
     block_lists: tuple[str, ...]
 
 
-def embeds(*shape: int, seed: int = 0) -> torch.Tensor:
-    """A fixed random tensor standing in for a text encoder's output."""
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
-
-
-def _cond(dim: int, tokens: int = 3, **extra: torch.Tensor) -> dict:
-    """prompt_embeds and negative_prompt_embeds of `tokens` tokens of width `dim`, plus `extra`."""
-    return dict(prompt_embeds=embeds(1, tokens, dim), negative_prompt_embeds=embeds(1, tokens, dim, seed=1), **extra)
-
-
-def _pooled(dim: int) -> dict:
-    """pooled_prompt_embeds and negative_pooled_prompt_embeds of width `dim`."""
-    return dict(pooled_prompt_embeds=embeds(1, dim), negative_pooled_prompt_embeds=embeds(1, dim, seed=1))
-
-
-def _pipeline(cls: type, **components: Any) -> Any:
-    """`cls` built from `components`; every other component it requires (text encoders, tokenizers,
-    a VAE, image encoders) is None."""
-    params = inspect.signature(cls.__init__).parameters
-    absent = {name: None for name, param in params.items()
-              if name != "self" and name not in components and param.default is inspect.Parameter.empty}
-    return cls(**absent, **components)
-
-
-def _masks(tokens: int = 3, prompt: str = "prompt_attention_mask", dtype: torch.dtype = torch.long) -> dict:
-    """All-ones attention masks of the prompt and negative prompt embeddings."""
-    negative = "negative_" + prompt
-    return {prompt: torch.ones(1, tokens, dtype=dtype), negative: torch.ones(1, tokens, dtype=dtype)}
-
-
-# ----------------------------------------------------------------------------------------- schedulers
-# The scheduler class and settings of the family's released checkpoint (its scheduler_config.json).
-
-
-def _flux_scheduler(**extra: Any):
-    from diffusers import FlowMatchEulerDiscreteScheduler
-    return FlowMatchEulerDiscreteScheduler(shift=3.0, use_dynamic_shifting=True, base_shift=0.5, max_shift=1.15,
-                                           base_image_seq_len=256, max_image_seq_len=4096, **extra)
-
-
-def _unipc_flow(flow_shift: float):
-    from diffusers import UniPCMultistepScheduler
-    return UniPCMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=flow_shift,
-                                   solver_order=2, solver_type="bh2", predict_x0=True, lower_order_final=True,
-                                   final_sigmas_type="zero")
-
-
-def _pixart_dpm():
-    from diffusers import DPMSolverMultistepScheduler
-    return DPMSolverMultistepScheduler(beta_schedule="linear", beta_start=0.0001, beta_end=0.02,
-                                       algorithm_type="dpmsolver++", solver_order=2, prediction_type="epsilon",
-                                       lower_order_final=True)
-
-
 def _flux() -> Built:
     from diffusers import FluxPipeline
-    pipe = _pipeline(FluxPipeline, scheduler=_flux_scheduler(), transformer=tiny_model("FluxTransformer2DModel").model)
-    return pipe, dict(**_cond(16), **_pooled(16), true_cfg_scale=2.0, height=32, width=32)
+    pipe = make_pipeline(FluxPipeline, scheduler=flux_scheduler(), transformer=tiny_model("FluxTransformer2DModel").model)
+    return pipe, dict(**cond(16), **pooled(16), true_cfg_scale=2.0, height=32, width=32)
 
 
 def _tiny_vae_kl(latent_channels: int):
@@ -112,7 +57,7 @@ def _tiny_vae_kl(latent_channels: int):
 def _flux_kontext() -> Built:
     from diffusers import FluxKontextPipeline
     from PIL import Image
-    pipe = _pipeline(FluxKontextPipeline, scheduler=_flux_scheduler(), vae=_tiny_vae_kl(1),
+    pipe = make_pipeline(FluxKontextPipeline, scheduler=flux_scheduler(), vae=_tiny_vae_kl(1),
                      transformer=tiny_model("FluxTransformer2DModel").model)
     image = Image.new("RGB", (4, 4), (128, 64, 32))
     return pipe, dict(image=image, prompt_embeds=embeds(1, 3, 16), pooled_prompt_embeds=embeds(1, 16),
@@ -125,7 +70,7 @@ def _flux2() -> Built:
     transformer = Flux2Transformer2DModel(patch_size=1, in_channels=4, num_layers=2, num_single_layers=2,
                                           attention_head_dim=16, num_attention_heads=2, joint_attention_dim=16,
                                           timestep_guidance_channels=256, axes_dims_rope=(4, 4, 4, 4))
-    pipe = _pipeline(Flux2Pipeline, scheduler=_flux_scheduler(time_shift_type="exponential"), transformer=transformer)
+    pipe = make_pipeline(Flux2Pipeline, scheduler=flux_scheduler(time_shift_type="exponential"), transformer=transformer)
     return pipe, dict(prompt_embeds=embeds(1, 3, 16), guidance_scale=4.0, height=32, width=32)
 
 
@@ -136,15 +81,15 @@ def _chroma() -> Built:
                                            attention_head_dim=16, num_attention_heads=2, joint_attention_dim=32,
                                            axes_dims_rope=(4, 4, 8), approximator_hidden_dim=32,
                                            approximator_layers=1, approximator_num_channels=16)
-    pipe = _pipeline(ChromaPipeline, scheduler=_flux_scheduler(), transformer=transformer)
-    return pipe, dict(**_cond(32), **_masks(dtype=torch.float32), guidance_scale=2.0, height=32, width=32)
+    pipe = make_pipeline(ChromaPipeline, scheduler=flux_scheduler(), transformer=transformer)
+    return pipe, dict(**cond(32), **masks(dtype=torch.float32), guidance_scale=2.0, height=32, width=32)
 
 
 def _sd3() -> Built:
     from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
-    pipe = _pipeline(StableDiffusion3Pipeline, transformer=tiny_model("SD3Transformer2DModel").model,
+    pipe = make_pipeline(StableDiffusion3Pipeline, transformer=tiny_model("SD3Transformer2DModel").model,
                      scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0))
-    return pipe, dict(**_cond(16), **_pooled(16), height=32, width=32, guidance_scale=2.0)
+    return pipe, dict(**cond(16), **pooled(16), height=32, width=32, guidance_scale=2.0)
 
 
 def _qwen_scheduler():
@@ -163,12 +108,12 @@ def _qwen_transformer():
 
 
 def _qwen_kwargs() -> dict:
-    return dict(**_cond(16), **_masks(prompt="prompt_embeds_mask"), true_cfg_scale=2.0)
+    return dict(**cond(16), **masks(prompt="prompt_embeds_mask"), true_cfg_scale=2.0)
 
 
 def _qwenimage() -> Built:
     from diffusers import QwenImagePipeline
-    pipe = _pipeline(QwenImagePipeline, scheduler=_qwen_scheduler(), transformer=_qwen_transformer())
+    pipe = make_pipeline(QwenImagePipeline, scheduler=_qwen_scheduler(), transformer=_qwen_transformer())
     return pipe, dict(**_qwen_kwargs(), height=32, width=32)
 
 
@@ -180,84 +125,9 @@ def _qwenimage_edit() -> Built:
     # without residual blocks encode that to 8 x 8 latents (16 image tokens after 2x2 packing).
     vae = AutoencoderKLQwenImage(base_dim=4, z_dim=4, dim_mult=[1] * 8, num_res_blocks=0,
                                  temperal_downsample=[False] * 7, latents_mean=[0.0] * 4, latents_std=[1.0] * 4)
-    pipe = _pipeline(QwenImageEditPipeline, scheduler=_qwen_scheduler(), vae=vae, transformer=_qwen_transformer())
+    pipe = make_pipeline(QwenImageEditPipeline, scheduler=_qwen_scheduler(), vae=vae, transformer=_qwen_transformer())
     image = Image.new("RGB", (32, 32), (128, 64, 32))
     return pipe, dict(image=image, **_qwen_kwargs(), height=512, width=512)
-
-
-def _hunyuanvideo() -> Built:
-    from diffusers import FlowMatchEulerDiscreteScheduler, HunyuanVideoPipeline, HunyuanVideoTransformer3DModel
-    torch.manual_seed(0)
-    transformer = HunyuanVideoTransformer3DModel(in_channels=4, out_channels=4, num_attention_heads=2,
-                                                 attention_head_dim=10, num_layers=2, num_single_layers=2,
-                                                 num_refiner_layers=1, patch_size=1, patch_size_t=1,
-                                                 guidance_embeds=True, text_embed_dim=16, pooled_projection_dim=8,
-                                                 rope_axes_dim=(2, 4, 4))
-    scheduler = FlowMatchEulerDiscreteScheduler(shift=7.0)
-    pipe = _pipeline(HunyuanVideoPipeline, transformer=transformer, scheduler=scheduler)
-    return pipe, dict(**_cond(16), **_masks(), **_pooled(8), true_cfg_scale=2.0, guidance_scale=6.0,
-                      height=16, width=16, num_frames=5)
-
-
-def _wan(flow_shift: float, two_experts: bool) -> Built:
-    from diffusers import WanPipeline
-    transformer = tiny_model("WanTransformer3DModel").model
-    extra = dict(transformer_2=tiny_model("WanTransformer3DModel", seed=1).model, boundary_ratio=0.875) \
-        if two_experts else {}
-    pipe = _pipeline(WanPipeline, scheduler=_unipc_flow(flow_shift), transformer=transformer, **extra)
-    return pipe, dict(**_cond(16), height=32, width=32, num_frames=5, guidance_scale=2.0)
-
-
-def _ltx() -> Built:
-    from diffusers import FlowMatchEulerDiscreteScheduler, LTXPipeline, LTXVideoTransformer3DModel
-    torch.manual_seed(0)
-    transformer = LTXVideoTransformer3DModel(in_channels=8, out_channels=8, patch_size=1, patch_size_t=1,
-                                             num_attention_heads=4, attention_head_dim=8, cross_attention_dim=32,
-                                             num_layers=3, caption_channels=32)
-    scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=True, base_shift=0.95, max_shift=2.05,
-                                                base_image_seq_len=1024, max_image_seq_len=4096, shift_terminal=0.1,
-                                                time_shift_type="exponential")
-    pipe = _pipeline(LTXPipeline, scheduler=scheduler, transformer=transformer)
-    return pipe, dict(**_cond(32), **_masks(), height=64, width=64, num_frames=9, guidance_scale=2.0)
-
-
-def _cogvideox() -> Built:
-    from diffusers import CogVideoXDDIMScheduler, CogVideoXPipeline, CogVideoXTransformer3DModel
-    torch.manual_seed(0)
-    transformer = CogVideoXTransformer3DModel(num_attention_heads=4, attention_head_dim=8, in_channels=4,
-                                              out_channels=4, time_embed_dim=2, text_embed_dim=32, num_layers=3,
-                                              sample_width=2, sample_height=2, sample_frames=9, patch_size=2,
-                                              temporal_compression_ratio=4, max_text_seq_length=8)
-    scheduler = CogVideoXDDIMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                                       clip_sample=False, prediction_type="v_prediction", rescale_betas_zero_snr=True,
-                                       set_alpha_to_one=True, snr_shift_scale=3.0, timestep_spacing="trailing")
-    pipe = _pipeline(CogVideoXPipeline, transformer=transformer, scheduler=scheduler)
-    return pipe, dict(**_cond(32, tokens=8), height=16, width=16, num_frames=9, guidance_scale=2.0)
-
-
-def _mochi() -> Built:
-    from diffusers import FlowMatchEulerDiscreteScheduler, MochiPipeline, MochiTransformer3DModel
-    torch.manual_seed(0)
-    transformer = MochiTransformer3DModel(patch_size=2, num_attention_heads=2, attention_head_dim=8, num_layers=3,
-                                          pooled_projection_dim=16, in_channels=12, out_channels=None,
-                                          qk_norm="rms_norm", text_embed_dim=32, time_embed_dim=4,
-                                          activation_fn="swiglu", max_sequence_length=16)
-    pipe = _pipeline(MochiPipeline, scheduler=FlowMatchEulerDiscreteScheduler(invert_sigmas=True),
-                     transformer=transformer)
-    return pipe, dict(**_cond(32), **_masks(), height=32, width=32, num_frames=7, guidance_scale=2.0)
-
-
-def _allegro() -> Built:
-    from diffusers import AllegroPipeline, AllegroTransformer3DModel, EulerAncestralDiscreteScheduler
-    torch.manual_seed(0)
-    transformer = AllegroTransformer3DModel(num_attention_heads=2, attention_head_dim=12, in_channels=4,
-                                            out_channels=4, num_layers=3, cross_attention_dim=24, sample_width=8,
-                                            sample_height=8, sample_frames=8, caption_channels=24)
-    scheduler = EulerAncestralDiscreteScheduler(beta_schedule="linear", beta_start=0.0001, beta_end=0.02,
-                                                timestep_spacing="linspace")
-    pipe = _pipeline(AllegroPipeline, transformer=transformer, scheduler=scheduler)
-    return pipe, dict(negative_prompt=None, **_cond(24), **_masks(), height=16, width=16, num_frames=8,
-                      guidance_scale=2.0)
 
 
 def _cogview4() -> Built:
@@ -268,8 +138,8 @@ def _cogview4() -> Built:
                                              time_embed_dim=8, condition_dim=4)
     scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0, use_dynamic_shifting=True, base_shift=0.25, max_shift=0.75,
                                                 base_image_seq_len=256, time_shift_type="linear")
-    pipe = _pipeline(CogView4Pipeline, transformer=transformer, scheduler=scheduler)
-    return pipe, dict(**_cond(32, tokens=16), height=32, width=32, guidance_scale=2.0)
+    pipe = make_pipeline(CogView4Pipeline, transformer=transformer, scheduler=scheduler)
+    return pipe, dict(**cond(32, tokens=16), height=32, width=32, guidance_scale=2.0)
 
 
 def _lumina2() -> Built:
@@ -279,8 +149,8 @@ def _lumina2() -> Built:
                                             num_refiner_layers=1, num_attention_heads=1, num_kv_heads=1,
                                             multiple_of=16, ffn_dim_multiplier=None, norm_eps=1e-5,
                                             scaling_factor=1.0, axes_dim_rope=(4, 2, 2), cap_feat_dim=8)
-    pipe = _pipeline(Lumina2Pipeline, transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=6.0))
-    return pipe, dict(**_cond(8), **_masks(), height=32, width=32, guidance_scale=2.0)
+    pipe = make_pipeline(Lumina2Pipeline, transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=6.0))
+    return pipe, dict(**cond(8), **masks(), height=32, width=32, guidance_scale=2.0)
 
 
 def _sana() -> Built:
@@ -292,16 +162,16 @@ def _sana() -> Built:
                                          sample_size=32)
     scheduler = DPMSolverMultistepScheduler(prediction_type="flow_prediction", use_flow_sigmas=True, flow_shift=3.0,
                                             algorithm_type="dpmsolver++", solver_order=2)
-    pipe = _pipeline(SanaPipeline, transformer=transformer, scheduler=scheduler)
-    return pipe, dict(negative_prompt=None, **_cond(8), **_masks(), height=64, width=64, guidance_scale=2.0,
+    pipe = make_pipeline(SanaPipeline, transformer=transformer, scheduler=scheduler)
+    return pipe, dict(negative_prompt=None, **cond(8), **masks(), height=64, width=64, guidance_scale=2.0,
                       use_resolution_binning=False, complex_human_instruction=None)
 
 
 def _pixart(sigma: bool) -> Built:
     from diffusers import PixArtAlphaPipeline, PixArtSigmaPipeline
     cls = PixArtSigmaPipeline if sigma else PixArtAlphaPipeline
-    pipe = _pipeline(cls, scheduler=_pixart_dpm(), transformer=tiny_model("PixArtTransformer2DModel").model)
-    return pipe, dict(prompt=None, negative_prompt=None, **_cond(16), **_masks(), height=32, width=32,
+    pipe = make_pipeline(cls, scheduler=pixart_dpm(), transformer=tiny_model("PixArtTransformer2DModel").model)
+    return pipe, dict(prompt=None, negative_prompt=None, **cond(16), **masks(), height=32, width=32,
                       guidance_scale=2.0, use_resolution_binning=False)
 
 
@@ -315,10 +185,10 @@ def _hidream() -> Built:
                                                  caption_channels=[32, 16], text_emb_dim=64, num_routed_experts=4,
                                                  num_activated_experts=2, axes_dims_rope=(4, 2, 2),
                                                  max_resolution=(128, 128), llama_layers=(0, 1, 2, 3)).eval()
-    pipe = _pipeline(HiDreamImagePipeline, scheduler=_unipc_flow(3.0), transformer=transformer)
+    pipe = make_pipeline(HiDreamImagePipeline, scheduler=unipc_flow(3.0), transformer=transformer)
     llama = dict(prompt_embeds_llama3=embeds(4, 1, 3, 16), negative_prompt_embeds_llama3=embeds(4, 1, 3, 16, seed=1))
     return pipe, dict(prompt_embeds_t5=embeds(1, 3, 32), negative_prompt_embeds_t5=embeds(1, 3, 32, seed=1),
-                      **llama, **_pooled(64), height=32, width=32, guidance_scale=2.0)
+                      **llama, **pooled(64), height=32, width=32, guidance_scale=2.0)
 
 
 def _auraflow() -> Built:
@@ -328,8 +198,8 @@ def _auraflow() -> Built:
                                              num_single_dit_layers=2, attention_head_dim=8, num_attention_heads=4,
                                              caption_projection_dim=32, joint_attention_dim=32, out_channels=4,
                                              pos_embed_max_size=16)
-    pipe = _pipeline(AuraFlowPipeline, transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=1.73))
-    return pipe, dict(prompt=None, **_cond(32), **_masks(), height=32, width=32, guidance_scale=2.0)
+    pipe = make_pipeline(AuraFlowPipeline, transformer=transformer, scheduler=FlowMatchEulerDiscreteScheduler(shift=1.73))
+    return pipe, dict(prompt=None, **cond(32), **masks(), height=32, width=32, guidance_scale=2.0)
 
 
 def _dit() -> Built:
@@ -350,9 +220,9 @@ def _sd15() -> Built:
     from diffusers import PNDMScheduler, StableDiffusionPipeline
     scheduler = PNDMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
                               set_alpha_to_one=False, skip_prk_steps=True, steps_offset=1)
-    pipe = _pipeline(StableDiffusionPipeline, unet=tiny_model("UNet2DConditionModel").model, scheduler=scheduler,
+    pipe = make_pipeline(StableDiffusionPipeline, unet=tiny_model("UNet2DConditionModel").model, scheduler=scheduler,
                      requires_safety_checker=False)
-    return pipe, dict(**_cond(16), height=32, width=32, guidance_scale=2.0)
+    return pipe, dict(**cond(16), height=32, width=32, guidance_scale=2.0)
 
 
 def _sdxl() -> Built:
@@ -366,8 +236,8 @@ def _sdxl() -> Built:
                                 cross_attention_dim=16, norm_num_groups=4).eval()
     scheduler = EulerDiscreteScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
                                        timestep_spacing="leading", steps_offset=1, interpolation_type="linear")
-    pipe = _pipeline(StableDiffusionXLPipeline, unet=unet, scheduler=scheduler)
-    return pipe, dict(**_cond(16), **_pooled(8), height=32, width=32, guidance_scale=2.0)
+    pipe = make_pipeline(StableDiffusionXLPipeline, unet=unet, scheduler=scheduler)
+    return pipe, dict(**cond(16), **pooled(8), height=32, width=32, guidance_scale=2.0)
 
 
 FAMILIES: dict[str, Family] = {f.name: f for f in [
@@ -378,11 +248,11 @@ FAMILIES: dict[str, Family] = {f.name: f for f in [
     Family("sd3", _sd3, 2.0, ("transformer_blocks",)),
     Family("qwenimage", _qwenimage, 2.0, ("transformer_blocks",)),
     Family("qwenimage-edit", _qwenimage_edit, 2.0, ("transformer_blocks",)),
-    Family("hunyuanvideo", _hunyuanvideo, 2.0, ("transformer_blocks", "single_transformer_blocks")),
-    Family("wan21", lambda: _wan(3.0, False), 2.0, ("blocks",)),
-    Family("wan22", lambda: _wan(12.0, True), 2.0, ("blocks",)),
-    Family("ltx", _ltx, 2.0, ("transformer_blocks",)),
-    Family("cogvideox", _cogvideox, 2.0, ("transformer_blocks",)),
+    Family("hunyuanvideo", hunyuanvideo, 2.0, ("transformer_blocks", "single_transformer_blocks")),
+    Family("wan21", lambda: wan(3.0, False), 2.0, ("blocks",)),
+    Family("wan22", lambda: wan(12.0, True), 2.0, ("blocks",)),
+    Family("ltx", ltx, 2.0, ("transformer_blocks",)),
+    Family("cogvideox", cogvideox, 2.0, ("transformer_blocks",)),
     Family("cogview4", _cogview4, 2.0, ("transformer_blocks",)),
     Family("lumina2", _lumina2, 2.0, ("layers",)),
     Family("sana", _sana, 2.0, ("transformer_blocks",)),
@@ -390,8 +260,8 @@ FAMILIES: dict[str, Family] = {f.name: f for f in [
     Family("pixart-sigma", lambda: _pixart(True), 2.0, ("transformer_blocks",)),
     Family("hidream", _hidream, 2.0, ("double_stream_blocks", "single_stream_blocks")),
     Family("auraflow", _auraflow, 2.0, ("joint_transformer_blocks", "single_transformer_blocks")),
-    Family("mochi", _mochi, 2.0, ("transformer_blocks",)),
-    Family("allegro", _allegro, 2.0, ("transformer_blocks",)),
+    Family("mochi", mochi, 2.0, ("transformer_blocks",)),
+    Family("allegro", allegro, 2.0, ("transformer_blocks",)),
     Family("dit", _dit, 2.0, ("transformer_blocks",)),
     Family("sd15", _sd15, 2.0, ()),  # UNets: no block lists
     Family("sdxl", _sdxl, 2.0, ()),

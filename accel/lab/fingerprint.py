@@ -56,7 +56,6 @@ def differing_keys(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
     return sorted(key for key in set(a) | set(b) if canonical(a.get(key)) != canonical(b.get(key)))
 
 
-IDENTITY_DENOISERS = ("transformer", "transformer_2", "unet")
 IDENTITY_SAMPLES = 64  # elements read from every tensor
 
 
@@ -105,9 +104,11 @@ def model_identity(pipe) -> str:
     """
     import torch
 
+    from accel.pipeline_info import DENOISER_ATTRIBUTES
+
     digest = hashlib.sha256()
     found = False
-    for attribute in IDENTITY_DENOISERS:
+    for attribute in DENOISER_ATTRIBUTES:
         module = getattr(pipe, attribute, None)
         if not isinstance(module, torch.nn.Module):
             continue

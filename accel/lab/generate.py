@@ -23,9 +23,9 @@ from accel import measure
 from accel.distributed import batch_slices, is_main_process, map_batches
 from accel.lab.inputs import Inputs
 from accel.lab.models import LabModel
+from accel.pipeline_info import DENOISER_ATTRIBUTES
 from accel.stack import GuidancePlan
 
-DENOISER_ATTRIBUTES = ("transformer", "transformer_2", "unet")
 
 
 class GenerationError(ValueError):
