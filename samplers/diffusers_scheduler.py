@@ -27,7 +27,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin, SchedulerOutpu
 
 from samplers.api import make_sigmas
 from samplers.denoiser import FlowSchedule, prediction_to_x0
-from samplers.loop import Evaluation, check_sigmas, model_timestep, plan_evaluations
+from samplers.loop import Evaluation, advance, check_sigmas, model_timestep, plan_evaluations
 from samplers.native_schedule import describe_native, given_count, native_class, native_walk, values_key
 from samplers.registry import DEFAULT_SCHEDULES, SOLVERS, get_schedule, get_solver
 from samplers.schedules import optimized_solver_options, vp_schedule_from_betas

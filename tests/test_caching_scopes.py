@@ -4,7 +4,7 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from caching import (AttentionScope, CacheConfig, IntervalTrigger, TokenScope, apply_cache, get_preset,
+from caching import (CacheConfig, IntervalTrigger, TokenScope, apply_cache, get_preset,
                      remove_cache)
 from caching.testing import ToyTransformer, drive, run_steps, tiny_model
 

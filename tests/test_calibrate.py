@@ -11,7 +11,7 @@ import torch
 import yaml
 
 import accel
-from accel.calibration import Calibration, CalibrationError, calibrated_recipe, find_markers, replace_markers
+from accel.calibration import Calibration, CalibrationError, find_markers, replace_markers
 from accel.cli import main
 from accel.embedded import build_flux_digits
 from accel.embedded.pipeline import FluxDigitsPipeline

@@ -45,7 +45,38 @@ def labels_from_prompts(prompts: str | Sequence[str]) -> list[int]:
     return labels
 
 
-class FluxDigitsPipeline(DiffusionPipeline, TransformerLoraLoaderMixin):
+class DigitsPipelineMixin:
+    """What both embedded digit pipelines share: class labels from prompts or labels, the CFG switch,
+    and the output conversion."""
+
+    _guidance_scale = 1.0
+
+    @property
+    def do_classifier_free_guidance(self) -> bool:
+        return self._guidance_scale > 1.0
+
+    def _labels(self, prompt: Any, class_labels: Any, device: torch.device) -> torch.Tensor:
+        """The call's class labels (B,) on `device`, from prompts naming digits or from labels."""
+        if (prompt is None) == (class_labels is None):
+            raise ValueError(f"{type(self).__name__} needs either prompt or class_labels (not both)")
+        labels = labels_from_prompts(prompt) if prompt is not None else class_labels
+        labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
+        if labels.numel() == 0 or int(labels.min()) < 0 or int(labels.max()) >= NULL_CLASS:
+            raise ValueError(f"class_labels must be digits 0-{NULL_CLASS - 1}, got {labels.tolist()}")
+        return labels.to(device)
+
+    def _output(self, latents: torch.Tensor, output_type: str, return_dict: bool) -> ImagePipelineOutput | tuple:
+        """The final latents (B, 1, H, W) in [-1, 1] as `output_type` ("pt" in [0, 1], "latent", "np", "pil")."""
+        images = latents if output_type == "latent" else ((latents.float() + 1) / 2).clamp(0, 1)
+        if output_type in ("np", "pil"):
+            images = images.permute(0, 2, 3, 1).cpu().numpy()
+            if output_type == "pil":
+                images = self.numpy_to_pil(images)
+        self.maybe_free_model_hooks()
+        return ImagePipelineOutput(images=images) if return_dict else (images,)
+
+
+class FluxDigitsPipeline(DigitsPipelineMixin, DiffusionPipeline, TransformerLoraLoaderMixin):
     """Class-conditional 16x16 digits from the embedded FLUX-architecture flow model.
 
     Args:
@@ -62,10 +93,6 @@ class FluxDigitsPipeline(DiffusionPipeline, TransformerLoraLoaderMixin):
         self.register_modules(transformer=transformer, conditioner=conditioner, scheduler=scheduler)
         self._guidance_scale = 1.0
 
-    @property
-    def do_classifier_free_guidance(self) -> bool:
-        return self._guidance_scale > 1.0
-
     def velocity(self, latents: torch.Tensor, sigma: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Flow velocity (B, 1, H, W) of images (B, 1, H, W) at flow times sigma (B,)."""
         tokens, pooled = self.conditioner(labels)
@@ -76,15 +103,6 @@ class FluxDigitsPipeline(DiffusionPipeline, TransformerLoraLoaderMixin):
                                pooled_projections=pooled, timestep=sigma.to(latents.dtype), img_ids=img_ids,
                                txt_ids=txt_ids, return_dict=False)[0]
         return unpack_latents(out, height, width)
-
-    def _labels(self, prompt: Any, class_labels: Any, device: torch.device) -> torch.Tensor:
-        if (prompt is None) == (class_labels is None):
-            raise ValueError("FluxDigitsPipeline needs either prompt or class_labels (not both)")
-        labels = labels_from_prompts(prompt) if prompt is not None else class_labels
-        labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
-        if labels.numel() == 0 or int(labels.min()) < 0 or int(labels.max()) >= NULL_CLASS:
-            raise ValueError(f"class_labels must be digits 0-{NULL_CLASS - 1}, got {labels.tolist()}")
-        return labels.to(device)
 
     @torch.no_grad()
     def __call__(self, prompt: str | list[str] | None = None, class_labels: Sequence[int] | torch.Tensor | None = None,
@@ -129,10 +147,4 @@ class FluxDigitsPipeline(DiffusionPipeline, TransformerLoraLoaderMixin):
             latents = self.scheduler.step(prediction, timestep, latents, return_dict=False)[0]
             if callback_on_step_end is not None:
                 latents = callback_on_step_end(self, index, timestep, {"latents": latents}).get("latents", latents)
-        images = latents if output_type == "latent" else ((latents.float() + 1) / 2).clamp(0, 1)
-        if output_type in ("np", "pil"):
-            images = images.permute(0, 2, 3, 1).cpu().numpy()
-            if output_type == "pil":
-                images = self.numpy_to_pil(images)
-        self.maybe_free_model_hooks()
-        return ImagePipelineOutput(images=images) if return_dict else (images,)
+        return self._output(latents, output_type, return_dict)

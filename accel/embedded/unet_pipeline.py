@@ -25,10 +25,10 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 
 from accel.embedded.model import NULL_CLASS
-from accel.embedded.pipeline import labels_from_prompts
+from accel.embedded.pipeline import DigitsPipelineMixin
 
 
-class UNetDigitsPipeline(DiffusionPipeline):
+class UNetDigitsPipeline(DigitsPipelineMixin, DiffusionPipeline):
     """Class-conditional 16x16 digits from the embedded epsilon UNet (VP, SD's scaled-linear betas).
 
     Args:
@@ -43,23 +43,10 @@ class UNetDigitsPipeline(DiffusionPipeline):
         self.register_modules(unet=unet, scheduler=scheduler)
         self._guidance_scale = 1.0
 
-    @property
-    def do_classifier_free_guidance(self) -> bool:
-        return self._guidance_scale > 1.0
-
     def epsilon(self, latents: torch.Tensor, timestep: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Predicted noise (B, 1, H, W) of the UNet input (B, 1, H, W) at the DDPM timestep (scalar or (B,))."""
         timestep = torch.as_tensor(timestep, device=latents.device).to(latents.dtype).expand(latents.shape[0])
         return self.unet(latents, timestep, class_labels=labels).sample
-
-    def _labels(self, prompt: Any, class_labels: Any, device: torch.device) -> torch.Tensor:
-        if (prompt is None) == (class_labels is None):
-            raise ValueError("UNetDigitsPipeline needs either prompt or class_labels (not both)")
-        labels = labels_from_prompts(prompt) if prompt is not None else class_labels
-        labels = torch.as_tensor(labels, dtype=torch.long).reshape(-1)
-        if labels.numel() == 0 or int(labels.min()) < 0 or int(labels.max()) >= NULL_CLASS:
-            raise ValueError(f"class_labels must be digits 0-{NULL_CLASS - 1}, got {labels.tolist()}")
-        return labels.to(device)
 
     def _step_kwargs(self, generator: Any) -> dict:
         """`generator` for schedulers whose step draws noise (DDPM, DDIM with eta), as SD passes it."""
@@ -106,10 +93,4 @@ class UNetDigitsPipeline(DiffusionPipeline):
             latents = self.scheduler.step(prediction, timestep, latents, **step_kwargs, return_dict=False)[0]
             if callback_on_step_end is not None:
                 latents = callback_on_step_end(self, index, timestep, {"latents": latents}).get("latents", latents)
-        images = latents if output_type == "latent" else ((latents.float() + 1) / 2).clamp(0, 1)
-        if output_type in ("np", "pil"):
-            images = images.permute(0, 2, 3, 1).cpu().numpy()
-            if output_type == "pil":
-                images = self.numpy_to_pil(images)
-        self.maybe_free_model_hooks()
-        return ImagePipelineOutput(images=images) if return_dict else (images,)
+        return self._output(latents, output_type, return_dict)
