@@ -49,7 +49,7 @@ def _train(args: argparse.Namespace) -> int:
 
     recipe = load_train_recipe(args.recipe, args.overrides)
     if args.quick:  # the user's own overrides still win over the smoke settings
-        recipe = load_train_recipe(args.recipe, [*quick_overrides(recipe.objective.name, recipe.name), *args.overrides])
+        recipe = load_train_recipe(args.recipe, [*quick_overrides(recipe), *args.overrides])
     try:
         result = run_train_recipe(recipe)
     except TrainingError as error:  # a NaN loss, or checkpoints of another run in the folder

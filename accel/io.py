@@ -27,6 +27,15 @@ def first_line(error: BaseException) -> str:
     return lines[0] if lines else type(error).__name__
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _current_umask()  # read once: os.umask can only be read by setting it
+
+
 def _fsync_folder(folder: Path) -> None:
     try:
         handle = os.open(folder, os.O_RDONLY)
@@ -52,6 +61,7 @@ def atomic_write(path: str | Path, write: Callable[[Path], None]) -> Path:
     """
     path = Path(path)
     handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.fchmod(handle, 0o666 & ~_UMASK)  # mkstemp makes 0600; results are shared like any other file
     os.close(handle)
     try:
         write(Path(temporary))

@@ -8,6 +8,7 @@ dtype is checked, never converted, because a conversion could not be undone exac
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,7 +28,8 @@ class ModelPlacement:
 
 
 def stack_and_placement(stack_or_recipe: Any, pipe: Any = None) -> tuple[Stack, ModelPlacement]:
-    """The Stack and the model placement named by a Stack, a recipe, or a recipe name / path.
+    """The Stack and the model placement named by a Stack, a recipe (validated, or a dict of recipe
+    sections validated here), or a recipe name / path.
 
     A recipe's `calibrated` markers are replaced by its calibration file's values, and the file
     must have been made for `pipe`'s weights (`accel.calibration.calibrated_recipe`).
@@ -37,14 +39,20 @@ def stack_and_placement(stack_or_recipe: Any, pipe: Any = None) -> tuple[Stack, 
     """
     if isinstance(stack_or_recipe, Stack):
         return stack_or_recipe, ModelPlacement()
+    from omegaconf import OmegaConf
+
+    from accel.recipe.schema import Recipe
+
     recipe = stack_or_recipe
     if isinstance(recipe, str) or hasattr(recipe, "__fspath__"):
         from accel.recipe import load_recipe
 
         recipe = load_recipe(str(recipe))
-    if hasattr(recipe, "sampler") and hasattr(recipe, "cache"):
-        from omegaconf import OmegaConf
+    elif isinstance(recipe, Mapping) or (OmegaConf.is_dict(recipe) and OmegaConf.get_type(recipe) is not Recipe):
+        from accel.recipe.load import recipe_from_mapping
 
+        recipe = recipe_from_mapping(recipe)  # a plain dict: validated like a recipe file
+    if hasattr(recipe, "sampler") and hasattr(recipe, "cache"):
         if not OmegaConf.is_config(recipe):
             recipe = OmegaConf.structured(recipe)
         if "calibration" in recipe:
@@ -54,8 +62,8 @@ def stack_and_placement(stack_or_recipe: Any, pipe: Any = None) -> tuple[Stack, 
         model = recipe.get("model") or {}
         placement = ModelPlacement(model.get("dtype"), model.get("device"))
         return Stack.from_recipe(recipe), placement
-    raise StackError(f"accel.apply needs a Stack, a recipe, a shipped recipe name or a recipe path, got "
-                     f"{type(stack_or_recipe).__name__}")
+    raise StackError(f"accel.apply needs a Stack, a recipe (accel.load_recipe(name, overrides), or a dict of recipe "
+                     f"sections), a shipped recipe name or a recipe path, got {type(stack_or_recipe).__name__}")
 
 
 def _parameter(module: torch.nn.Module) -> torch.Tensor | None:

@@ -71,16 +71,33 @@ def is_main_launch_process() -> bool:
 TEACHER_OBJECTIVES = ("step-distill", "cache-aware", "router")
 
 
-def quick_overrides(objective: str, name: str | None = None) -> list[str]:
+QUICK_SIDE = 256  # --quick: the longest image side of a pipeline's teacher
+QUICK_TEACHER_STEPS = 8  # --quick: at most this many teacher steps
+
+
+def quick_overrides(recipe: DictConfig) -> list[str]:
     """`accel train --quick`: a smoke run of any recipe (3 steps, a 16-trajectory teacher of its
-    own, files under runs/train-quick/) that checks the wiring end to end in minutes on CPU. The
+    own, files under runs/train-quick/) that checks the wiring end to end in minutes on CPU: a
+    pipeline's teacher also runs at most `QUICK_TEACHER_STEPS` steps at a longest side of
+    `QUICK_SIDE` pixels (the template's 1024x1024 and 28 steps would take hours on a CPU). The
     teacher folder is the recipe's own (`teacher-<name>`), so smoke runs of recipes with different
     teachers do not collide."""
     quick = ["train.steps=3", "train.warmup_steps=0", "train.checkpoint_every=2", "train.log_every=1",
              "output.dir=runs/train-quick"]
-    if objective in TEACHER_OBJECTIVES:
-        folder = f"runs/train-quick/teacher-{name}" if name else "runs/train-quick/teacher"
-        quick += ["objective.params.teacher_count=16", f"objective.params.trajectories={folder}"]
+    if recipe.objective.name not in TEACHER_OBJECTIVES:
+        return quick
+    params = recipe.objective.get("params") or {}
+    folder = f"runs/train-quick/teacher-{recipe.name}" if recipe.get("name") else "runs/train-quick/teacher"
+    quick += ["objective.params.teacher_count=16", f"objective.params.trajectories={folder}"]
+    teacher_steps = params.get("teacher_steps")
+    if isinstance(teacher_steps, int) and teacher_steps > QUICK_TEACHER_STEPS:
+        quick.append(f"objective.params.teacher_steps={QUICK_TEACHER_STEPS}")
+    resolution = params.get("resolution")
+    sides = [resolution] if isinstance(resolution, int) else list(resolution or [])
+    if sides and max(sides) > QUICK_SIDE:
+        scale = QUICK_SIDE / max(sides)
+        small = [max(16, int(side * scale) // 16 * 16) for side in sides]
+        quick.append(f"objective.params.resolution={small[0] if isinstance(resolution, int) else small}")
     return quick
 
 

@@ -295,3 +295,23 @@ def test_evaluator_refuses_non_finite_images_before_any_metric():
     with pytest.raises(EvalError, match="cell-7"):
         evaluate(images, reference, "cell-7")
     assert Evaluator(["psnr"], inputs, embedded=False)(reference, reference) == {"psnr": 100.0}
+
+
+def test_fd_with_one_sample_is_refused_before_any_work():
+    from accel.lab.evaluate import EvalError, Evaluator
+    from accel.lab.inputs import Inputs
+
+    with pytest.raises(EvalError, match="fd compares distributions and needs at least 2 samples, this run has 1"):
+        Evaluator(["psnr", "fd"], Inputs(seeds=(0,), labels=(3,), height=16, width=16), embedded=True, real_samples=8)
+
+
+def test_a_missing_relative_folder_is_not_taken_for_a_hub_id(tmp_path, monkeypatch):
+    from accel.lab.models import ModelError, _folder_of
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "pipes").mkdir()
+    with pytest.raises(ModelError, match=r"no folder .*pipes/my-flux .*check the path"):
+        _folder_of("pipes/my-flux")
+    with pytest.raises(ModelError, match="not in the local Hugging Face cache"):
+        _folder_of("someone/some-model")
+

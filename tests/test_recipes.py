@@ -1,7 +1,7 @@
 """Recipe validation: every bad input is one line naming the key, and exit code 2."""
 
 import pytest
-from omegaconf import OmegaConf
+from omegaconf import ListConfig, OmegaConf
 
 from accel.cli import main
 from accel.recipe import RecipeError, load_recipe
@@ -152,17 +152,36 @@ def test_recipes_show_resolves_training_recipes(capsys):
     assert "name: step-distill-4" in shown and "  steps: 5\n" in shown and "teacher_solver: unipc_bh2" in shown
 
 
-@pytest.mark.parametrize("recipe", ["train/step-distill-4", "train/router", "train/flow-digits"])
+@pytest.mark.parametrize("recipe", ["train/step-distill-4", "train/router", "train/flow-digits",
+                                    "train/flux-dev-step-4", "train/wan21-t2v-cache-aware"])
 def test_train_quick_is_a_three_step_smoke_run_in_its_own_folder(recipe):
     from accel.recipe.train_schema import load_train_recipe
     from accel.train import quick_overrides
 
     full = load_train_recipe(recipe)
-    quick = load_train_recipe(recipe, [*quick_overrides(full.objective.name), "train.seed=3"])
+    quick = load_train_recipe(recipe, [*quick_overrides(full), "train.seed=3"])
     assert quick.train.steps == 3 and quick.train.seed == 3 and quick.output.dir == "runs/train-quick"
-    if full.objective.name in ("step-distill", "router"):
+    if full.objective.name in ("step-distill", "router", "cache-aware"):
         assert quick.objective.params.teacher_count == 16
         assert quick.objective.params.trajectories != full.objective.params.get("trajectories")
+        assert quick.objective.params.get("teacher_steps", 8) <= 8
+    resolution = full.objective.params.get("resolution")
+    if isinstance(resolution, (list, ListConfig)):  # a pipeline template: its teacher at a small size
+        assert list(quick.objective.params.resolution) == {"train/flux-dev-step-4": [256, 256],
+                                                           "train/wan21-t2v-cache-aware": [144, 256]}[recipe]
+
+
+def test_apply_takes_a_dict_of_recipe_sections_validated_like_a_file():
+    from accel.placement import stack_and_placement
+    from accel.recipe import RecipeError
+
+    stack, _ = stack_and_placement({"sampler": {"solver": "dpmpp_2m", "steps": 7},
+                                    "cache": {"preset": "fora", "params": {"interval": 2}}})
+    assert (stack.sampler.solver, stack.sampler.steps, stack.cache.preset) == ("dpmpp_2m", 7, "fora")
+    with pytest.raises(RecipeError, match="unknown key 'sampler.solverr'"):
+        stack_and_placement({"sampler": {"solverr": "euler"}})
+    with pytest.raises(RecipeError, match="guidance.scale: inf is not a finite number"):
+        stack_and_placement(OmegaConf.create({"guidance": {"scale": float("inf")}}))
 
 
 def test_calibrated_cache_recipe_resolves_to_its_placement_and_gains():

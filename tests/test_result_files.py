@@ -4,6 +4,7 @@ corrupt caches, folders owned by one command, and no pickles."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -84,3 +85,22 @@ def test_a_folder_belongs_to_the_command_that_wrote_it(tmp_path):
     with pytest.raises(io.FolderClaimedError, match="holds the results of `accel ablate`; `accel run` will not"):
         io.claim_folder(folder, "accel run")
     assert (folder / io.MARKER).read_text() == "accel ablate\n"
+
+
+def test_result_files_are_readable_like_any_file_the_user_writes(tmp_path):
+    mask = os.umask(0o022)
+    os.umask(mask)
+    path = io.write_json(tmp_path / "summary.json", {"a": 1})
+    assert path.stat().st_mode & 0o777 == 0o666 & ~mask  # not mkstemp's 0600
+
+
+def test_a_torn_loss_row_is_skipped_with_a_message_naming_the_file(tmp_path, capsys):
+    from distill.training.loss_log import read_loss_log
+
+    path = tmp_path / "loss.csv"
+    path.write_text("step,loss,lr,seconds\n0,1.5,0.001,0.10\n1,1.6513,0.00055,\n")
+    assert read_loss_log(path) == [(0, 1.5, 0.001, 0.1)]
+    assert f"line 3 of {path}" in capsys.readouterr().err
+    path.write_text("step,loss,lr,seconds\n0,1.5,0.001,0.10\n\x00\x00\n")  # a NUL tail: dropped quietly
+    assert read_loss_log(path) == [(0, 1.5, 0.001, 0.1)] and capsys.readouterr().err == ""
+

@@ -81,6 +81,9 @@ class Evaluator:
         if not embedded and any(m in EMBEDDED_ONLY for m in self.metrics):
             raise EvalError("eval.metrics: fd and accuracy need the embedded digit models' judge; for your pipeline "
                             f"use {', '.join(ALWAYS + OPTIONAL)}")
+        if "fd" in self.metrics and len(inputs) < 2:
+            raise EvalError(f"eval.metrics: fd compares distributions and needs at least 2 samples, this run has "
+                            f"{len(inputs)}; add samples (inputs.samples_per_class) or drop fd")
         settings = dict(metric_models or {})
         self._scorers: dict[str, Callable[[torch.Tensor, torch.Tensor], float]] = {}
         for metric in self.metrics:

@@ -128,6 +128,7 @@ class Job:
 
         Raises:
             StackError: the first adapter or stack that does not fit.
+            EvalError: a metric this run cannot compute.
         """
         from accel.adapter_files import check_adapter_fits
         from accel.pipeline import run_info_for
@@ -140,6 +141,7 @@ class Job:
                 check_adapter_fits(self.model.denoiser, adapter.path, self.model.denoiser_name)
             if resolve_stacks:
                 resolve(config.stack, run_info_for(self.model.pipe, config.stack))
+        self.evaluator  # noqa: B018 - metric names, extras and sample counts are checked before any work
 
     @property
     def evaluator(self) -> Evaluator:

@@ -152,24 +152,33 @@ def _folder_of(name: str) -> tuple[Path, bool]:
     from accel.recipe.validate import is_hub_id
 
     if is_hub_id(name):
-        return _hub_folder(name), False
+        try:
+            return _hub_folder(name), False
+        except ModelError:
+            if Path(name).parent != Path(".") and Path(name).parent.is_dir():  # a folder path with a typo
+                raise ModelError(f"model.name: no folder {Path(name).resolve()} (and {name!r} is no hub id in the "
+                                 "local Hugging Face cache); check the path") from None
+            raise
     raise ModelError(f"model.name: {name!r} is neither an embedded model ({', '.join(EMBEDDED_PIPELINES)}), a local "
                      "pipeline folder nor a hub id 'owner/name'")
 
 
 @contextlib.contextmanager
 def _loading_bar(shown: bool) -> Iterator[None]:
-    """diffusers' loading progress bar, shown only on a terminal (logs and tests get one line per error)."""
+    """diffusers' loading progress bar, shown only on a terminal (logs and tests get one line per
+    error); diffusers' own error log is silenced while loading, since a failure is reported in one line."""
     from diffusers.utils import logging as diffusers_logging
 
-    if shown:
-        yield
-        return
-    diffusers_logging.disable_progress_bar()
+    verbosity = diffusers_logging.get_verbosity()
+    diffusers_logging.set_verbosity(diffusers_logging.CRITICAL)
+    if not shown:
+        diffusers_logging.disable_progress_bar()
     try:
         yield
     finally:
-        diffusers_logging.enable_progress_bar()
+        diffusers_logging.set_verbosity(verbosity)
+        if not shown:
+            diffusers_logging.enable_progress_bar()
 
 
 def check_model_device(section: Any) -> None:

@@ -8,6 +8,7 @@ recipe may contain at all (data only, finite numbers, safe paths) is checked by
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
@@ -175,6 +176,27 @@ def load_recipe(name_or_path: str | None = None, overrides: list[str] | None = N
         from accel.calibration import calibrated_recipe
 
         recipe = calibrated_recipe(recipe)
+    return recipe
+
+
+def recipe_from_mapping(mapping: Any) -> DictConfig:
+    """Validates a recipe given as a dict or an unvalidated DictConfig (e.g. `accel.apply(pipe,
+    {"sampler": {...}, "cache": {...}})`) exactly as a recipe file: data only, the schema's
+    defaults for missing sections, finite numbers, every field checked.
+
+    Raises:
+        RecipeError: one line naming the key and what is allowed.
+    """
+    try:
+        loaded = mapping if OmegaConf.is_config(mapping) else OmegaConf.create(dict(mapping))
+    except (OmegaConfBaseException, TypeError, ValueError) as error:
+        raise RecipeError(f"the given recipe is not a mapping of recipe sections: {first_line(error)}") from None
+    content.check_data_only(loaded, "the given recipe")
+    recipe = merge_on_schema(Recipe, compose(loaded))
+    content.check_finite(recipe)
+    from accel.recipe.validate import validate_recipe
+
+    validate_recipe(recipe)
     return recipe
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import os
+import sys
 from pathlib import Path
 
 HEADER = ("step", "loss", "lr", "seconds")
@@ -50,9 +51,15 @@ def read_loss_log(path: Path) -> list[tuple[int, float, float, float]]:
         if tuple(next(reader, ())) != HEADER:
             return []
         rows = []
-        for line in reader:
-            if len(line) == len(HEADER):
+        for number, line in enumerate(reader, start=2):
+            try:
+                if len(line) != len(HEADER):
+                    raise ValueError("not four fields")
                 rows.append((int(line[0]), float(line[1]), float(line[2]), float(line[3])))
+            except ValueError:
+                if any(field.strip("\x00 ") for field in line):  # not just a blank or NUL-filled tail
+                    print(f"accel: skipped line {number} of {path}: not a whole loss row (cut short by an "
+                          "interruption?)", file=sys.stderr)
         return rows
 
 
