@@ -95,13 +95,34 @@ def cache_dit_anchor(method: str, steps: int, *, fn_blocks: int = 1, threshold: 
                                steps_computation_policy="static" if static else "dynamic")
         chosen = {None: None, "taylorseer": lambda: TaylorSeerCalibratorConfig(taylorseer_order=order),
                   "foca": FoCaCalibratorConfig}[calibrator]
+        patched = _instance_forwards(pipe.transformer)
         cache_dit.enable_cache(pipe, cache_config=config, calibrator_config=chosen() if chosen else None)
         try:
             yield
         finally:
             cache_dit.disable_cache(pipe)
+            _restore_instance_forwards(pipe.transformer, patched)
 
     return Anchor("cache-dit", method, params, install)
+
+
+def _instance_forwards(model: torch.nn.Module) -> dict[str, Any]:
+    """Every submodule's instance-level `forward` and `_is_patched` (cache-dit's patch functors set
+    both on FLUX's transformer and blocks, and `disable_cache` leaves them: the next configuration
+    would run cache-dit's forward)."""
+    return {name: {key: vars(module)[key] for key in ("forward", "_is_patched") if key in vars(module)}
+            for name, module in model.named_modules()}
+
+
+def _restore_instance_forwards(model: torch.nn.Module, saved: dict[str, Any]) -> None:
+    """Puts back what `_instance_forwards` saw: patched attributes that were not there are removed."""
+    for name, module in model.named_modules():
+        before = saved.get(name, {})
+        for key in ("forward", "_is_patched"):
+            if key in before:
+                setattr(module, key, before[key])
+            else:
+                vars(module).pop(key, None)
 
 
 def diffusers_config(kind: str, params: dict, steps: int, timestep: Callable[[], float]) -> Any:
