@@ -67,7 +67,7 @@ def markdown_table(records: Sequence[dict]) -> str:
 def pareto_frontier(points: Sequence[tuple[float, float]]) -> list[tuple[float, float]]:
     """Upper-right Pareto frontier of (speedup, quality), both higher-is-better, by speedup."""
     frontier, best = [], float("-inf")
-    for x, y in sorted(points, key=lambda p: -p[0]):
+    for x, y in sorted(points, key=lambda p: (-p[0], -p[1])):  # at equal speedup the best quality first
         if y > best:
             frontier.append((x, y))
             best = y
