@@ -140,12 +140,14 @@ def _flops(pipe: Any, kwargs: dict, steps: int, device: str) -> float:
 
 
 def _timed_rounds(pipes: dict[str, Any], kwargs: dict, settings: Settings) -> dict[str, list[tuple]]:
-    """`repeats` rounds over every variant; each round starts one variant later (no fixed order)."""
+    """`repeats` rounds over every variant; each round starts one variant later and every other round
+    runs backwards, so no variant keeps a position (on a 2-core CPU the first run of a round is
+    measurably slower or faster than the rest, by more than the hooks cost)."""
     names = list(pipes)
     times: dict[str, list[tuple]] = {name: [] for name in names}
     for round_index in range(settings.repeats):
-        for offset in range(len(names)):
-            name = names[(round_index + offset) % len(names)]
+        order = [names[(round_index + offset) % len(names)] for offset in range(len(names))]
+        for name in (reversed(order) if round_index % 2 else order):
             times[name].append(_generate(pipes[name], kwargs, settings.steps, settings.spec.device))
     return times
 
@@ -215,20 +217,26 @@ def measure(settings: Settings, log: Callable[[str], None] = print) -> list[dict
     for name in settings.variants:
         pipes[name] = copy_pipeline(base)
         _prepare(name, pipes[name], settings.steps)
-    for pipe in pipes.values():  # one eager generation each first, so FLOPs are counted eagerly
-        _generate(pipe, kwargs, settings.steps, settings.spec.device)
-    flops = {name: _flops(pipe, kwargs, settings.steps, settings.spec.device) for name, pipe in pipes.items()}
-    records = []
+    timed = []
     if "eager" in settings.modes:
         for pipe in pipes.values():  # warm-up: calibrations, allocator
             _generate(pipe, kwargs, settings.steps, settings.spec.device)
         log(f"timing {len(pipes)} variants, eager, {settings.repeats} interleaved rounds")
-        records += _records("eager", _timed_rounds(pipes, kwargs, settings), flops, {}, settings)
+        timed.append(("eager", _timed_rounds(pipes, kwargs, settings), {}))
     if "compiled" in settings.modes:
         log(f"timing {len(pipes)} variants, compiled ({settings.backend}), one after the other")
         times, graphs = _compiled_times(pipes, kwargs, settings)
-        records += _records("compiled", times, flops, graphs, settings)
-    return records
+        timed.append(("compiled", times, graphs))
+    # FLOPs last, on fresh eager copies: once FlopCounterMode has run, every module call of the
+    # process is slower (measured: bare 7.3 -> 10.4 ms/step on the tiny pipeline), which would
+    # distort every timing after it.
+    flops = {}
+    for name in settings.variants:
+        fresh = copy_pipeline(base)
+        _prepare(name, fresh, settings.steps)
+        _generate(fresh, kwargs, settings.steps, settings.spec.device)  # calibrating triggers calibrate first
+        flops[name] = _flops(fresh, kwargs, settings.steps, settings.spec.device)
+    return [record for mode, times, graphs in timed for record in _records(mode, times, flops, graphs, settings)]
 
 
 COLUMNS = (("mode", "mode", "{}"), ("variant", "variant", "{}"), ("step_ms", "ms/step", "{:.2f}"),
@@ -286,8 +294,8 @@ def run_settings(settings: Settings, json_path: Path | None, out_dir: Path) -> l
 
 def run(quick: bool, json_path: Path | None, out_dir: Path) -> list[dict]:
     """`accel bench overhead`: the tiny pipeline on the CPU at 256x256, one thread."""
-    settings = (Settings(steps=20, repeats=3) if quick else
-                Settings(steps=50, repeats=7, variants=FULL_VARIANTS, passes=2))
+    settings = (Settings(steps=20, repeats=10) if quick else
+                Settings(steps=50, repeats=16, variants=FULL_VARIANTS, passes=2))
     return run_settings(settings, json_path, out_dir)
 
 
