@@ -32,7 +32,7 @@ from diffusers.hooks.hooks import StateManager
 from step_context import current_step, reset_branch, set_branch
 
 
-class _PipelineCallName(StateManager):
+class PipelineCallName(StateManager):
     """Receives the name a diffusers pipeline gives a denoiser call (`model.cache_context(name)`)."""
 
     def __init__(self) -> None:
@@ -100,7 +100,7 @@ class GuidanceBranchHook(ModelHook):
     def __init__(self, pipe: Any, *, mode: str, guidance_on: bool, uncond_interval: int,
                  on_uncond: Callable[[], None] | None = None) -> None:
         super().__init__()
-        self.call_name = _PipelineCallName()
+        self.call_name = PipelineCallName()
         self._pipe = weakref.ref(pipe)
         self.mode, self.guidance_on = mode, guidance_on
         self._step_calls: tuple[tuple, int] = ((), 0)  # ((generation, step, stage), calls so far) for "ordered"

@@ -28,11 +28,12 @@ from typing import Any
 
 import torch
 from diffusers.hooks import ModelHook
-from diffusers.hooks.hooks import StateManager
 
 from caching.discovery import forward_parameters
 from caching.layouts import bind_arguments
 from step_context import current_step
+
+from accel.branch_hook import PipelineCallName
 
 NEST = "/"  # joins a nested argument's keys: added_cond_kwargs/text_embeds
 
@@ -43,17 +44,6 @@ class TraceError(ValueError):
 
 class _Stop(Exception):
     """Ends a traced pipeline call once what is needed is recorded."""
-
-
-class _CallName(StateManager):
-    """Receives the name a pipeline gives a denoiser call (`model.cache_context(name)`)."""
-
-    def __init__(self) -> None:
-        super().__init__(dict)
-
-    @property
-    def name(self) -> str | None:
-        return None if self._context is None else self._context.name
 
 
 @dataclass
@@ -71,7 +61,7 @@ class _Recorder(ModelHook):
 
     def __init__(self, stop_step: int) -> None:
         super().__init__()
-        self.call_name = _CallName()
+        self.call_name = PipelineCallName()
         self.stop_step = stop_step
         self.calls: list[_Call] = []
 
