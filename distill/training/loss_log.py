@@ -58,7 +58,7 @@ def read_loss_log(path: Path) -> list[tuple[int, float, float, float]]:
                 rows.append((int(line[0]), float(line[1]), float(line[2]), float(line[3])))
             except ValueError:
                 if any(field.strip("\x00 ") for field in line):  # not just a blank or NUL-filled tail
-                    print(f"accel: skipped line {number} of {path}: not a whole loss row (cut short by an "
+                    print(f"skipping line {number} of {path}: not a whole loss row (cut short by an "
                           "interruption?)", file=sys.stderr)
         return rows
 
