@@ -50,9 +50,20 @@ class TriggerConfig:
         """Fresh per-branch trigger state."""
         return None
 
-    def wants_compute(self, state: Any, frame: "CallFrame", signal: Any) -> bool:
-        """Whether the scope should be recomputed now (the caller adds warm-up and the like)."""
+    def wants_compute(self, state: Any, frame: "CallFrame", signal: Any) -> Any:
+        """Whether the scope should be recomputed now (the caller adds warm-up and the like).
+
+        A feature-watching trigger returns a 0-d bool tensor computed from the signal (or True
+        without a reference yet): eagerly the runtime reads it once (the one host sync of the
+        step); in a compiled model it stays in the graph and picks the path (`torch.cond`).
+        """
         raise NotImplementedError
+
+    def observe(self, state: Any, frame: "CallFrame", signal: Any) -> None:
+        """Takes the signal of a call that computes anyway (warm-up and the like) without deciding:
+        `commit` then starts from it as from a computed call (in a compiled graph: no guard on the
+        state's history, so this path is one graph)."""
+        self.wants_compute(state, frame, signal)
 
     def commit(self, state: Any, frame: "CallFrame", computed: bool) -> None:
         """Updates the trigger state once the call is done, knowing whether it computed."""

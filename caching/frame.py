@@ -59,6 +59,10 @@ class CallFrame:
             parallelism: each rank holds a token shard), or None.
         must_compute: warm-up, cool-down, a forced refresh, an empty cache or calibration.
         should_compute: the decision; None until a feature-watching trigger decided.
+        decision: in a compiled model, a feature-watching trigger's decision as a 0-d bool tensor
+            that picks each block's path in the graph (`torch.cond`); read once when the call
+            closes, which sets `should_compute`. None otherwise.
+        skipped_if_cached: (unit, fraction) skipped if `decision` turns out False.
         record: whether computed values update histories (stage 0 only).
         measure_flops: whether this call measures per-unit FLOPs for its signature.
         kind_compute: attention kinds recomputed in this call (attention scope).
@@ -71,7 +75,7 @@ class CallFrame:
     """
 
     __slots__ = ("context", "state", "schedule", "signature", "coordinate", "group", "must_compute",
-                 "should_compute", "record", "measure_flops", "kind_compute", "scratch", "skipped", "tokens",
+                 "should_compute", "decision", "skipped_if_cached", "record", "measure_flops", "kind_compute", "scratch", "skipped", "tokens",
                  "unit_flops", "overhead_flops", "total_flops")
 
     def __init__(self, context: StepContext | None = None, state: BranchState | None = None,
@@ -80,6 +84,8 @@ class CallFrame:
         self.context, self.state, self.schedule = context, state, schedule
         self.signature, self.coordinate, self.group = signature, coordinate, group
         self.must_compute, self.should_compute = True, True
+        self.decision: torch.Tensor | None = None
+        self.skipped_if_cached: list[tuple[str, float]] = []
         self.record = self.measure_flops = False
         self.kind_compute: dict[str, bool] = {}
         self.scratch: dict[str, Any] = {}

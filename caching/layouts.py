@@ -245,10 +245,10 @@ class StreamReader:
         layout: the block's layout.
     """
 
-    __slots__ = ("hidden_arg", "encoder_arg", "hidden_position", "encoder_position")
+    __slots__ = ("hidden_arg", "encoder_arg", "hidden_position", "encoder_position", "parameter_names")
 
     def __init__(self, module: nn.Module, layout: BlockLayout) -> None:
-        names = discovery.forward_parameters(type(module))
+        names = self.parameter_names = discovery.forward_parameters(type(module))
         self.hidden_arg, self.encoder_arg = layout.hidden_arg, layout.encoder_arg
         missing = 1 << 30  # an argument only ever passed by keyword
         self.hidden_position = names.index(layout.hidden_arg) if layout.hidden_arg in names else missing
@@ -262,6 +262,13 @@ class StreamReader:
         encoder = (args[self.encoder_position] if self.encoder_position < len(args)
                    else kwargs.get(self.encoder_arg))
         return hidden, encoder
+
+
+    def bind(self, args: tuple, kwargs: Mapping[str, Any]) -> dict[str, Any]:
+        """`bind_arguments` with the names read at install time (torch.compile traces it as a dict)."""
+        bound = dict(zip(self.parameter_names, args))
+        bound.update(kwargs)
+        return bound
 
 
 def split_output(layout: BlockLayout, output: Any):

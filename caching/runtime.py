@@ -66,6 +66,7 @@ class CacheRuntime:
         self._schedules: dict[int, RunSchedule] = {}
         self._warned: set[str] = set()
         self.auto_calibrate = True
+        self.defers = True  # feature-watching decisions stay in compiled graphs (`defer`)
         if self.trigger.needs_calibration:
             logger.warning("%s has no calibrated parameters; the first generation runs in full "
                            "to calibrate them (or call calibrate_%s beforehand)", self.trigger.name,
@@ -116,8 +117,15 @@ class CacheRuntime:
 
     @torch.compiler.disable
     def close_call(self, frame: CallFrame, output: Any) -> None:
-        """Ends the call in progress and commits it (`end_call`); runs eagerly under torch.compile."""
+        """Ends the call in progress and commits it (`end_call`); runs eagerly under torch.compile.
+
+        A decision a compiled graph took (`frame.decision`) is read here: the step's one host sync.
+        """
         self.frame = None
+        if frame.decision is not None:
+            frame.should_compute = bool(frame.decision)
+            if not frame.should_compute:
+                frame.skipped.extend(frame.skipped_if_cached)
         self.end_call(frame, output)
 
     @torch.compiler.disable
@@ -126,8 +134,11 @@ class CacheRuntime:
         self.frame = None
 
     @torch.compiler.disable
-    def measured_call(self, frame: CallFrame, forward: Callable, args: tuple, kwargs: dict) -> Any:
-        """Runs the model's forward eagerly under FlopCounterMode (the first computed call of a signature)."""
+    def eager_call(self, frame: CallFrame, forward: Callable, args: tuple, kwargs: dict) -> Any:
+        """Runs the model's forward eagerly: under FlopCounterMode on the first computed call of a
+        signature, and while calibrating (the calibrator reads features in Python mid-forward)."""
+        if not frame.measure_flops:
+            return forward(*args, **kwargs)
         with FlopCounterMode(display=False) as counter:
             output = forward(*args, **kwargs)
         frame.total_flops = counter.get_total_flops()
@@ -169,6 +180,27 @@ class CacheRuntime:
         wants = self.trigger.wants_compute(frame.state.trigger, frame, signal)
         frame.should_compute = bool(frame.must_compute or wants)
         return frame.should_compute
+
+    def can_defer(self, frame: CallFrame) -> bool:
+        """Whether a feature-watching decision can stay in a compiled graph (`defer`): while tracing,
+        with plain reuse, on one rank. (A graph break inside the model's block loop cannot be resumed:
+        dynamo would run the model's whole forward eagerly from then on, every block compiled apart.)"""
+        return (self.defers and torch.compiler.is_compiling() and frame.group is None
+                and self.config.update.name == "reuse")
+
+    def defer(self, frame: CallFrame, signal: Any) -> None:
+        """`decide` inside a compiled graph: the trigger's decision stays a tensor (`frame.decision`)
+        and each block of the range takes its path with `torch.cond`; `close_call` reads it. When
+        warm-up or the like computes anyway, the trigger only records its signal."""
+        if frame.must_compute:
+            self.trigger.observe(frame.state.trigger, frame, signal)
+            frame.should_compute = True
+            return
+        wants = self.trigger.wants_compute(frame.state.trigger, frame, signal)
+        if isinstance(wants, torch.Tensor):
+            frame.decision = wants
+        else:
+            frame.should_compute = bool(wants)
 
     # ------------------------------------------------------------------ finishing a call
     def end_call(self, frame: CallFrame, output: Any) -> None:
@@ -308,17 +340,46 @@ class CacheModelHook(ModelHook):
         if frame is None:
             return forward(*args, **kwargs)
         try:
-            if frame.measure_flops:
-                output = runtime.measured_call(frame, forward, args, kwargs)
+            if frame.measure_flops or runtime.calibrator is not None:
+                output = runtime.eager_call(frame, forward, args, kwargs)
             else:
-                output = forward(*args, **kwargs)
+                output = self._forward(frame, forward, args, kwargs)
         except BaseException:
             runtime.abandon_call()
             raise
         runtime.close_call(frame, output)
         return output
 
+    @torch.compiler.disable(recursive=False)
+    def _forward(self, frame: CallFrame, forward: Callable, args: tuple, kwargs: dict) -> Any:
+        """The model's forward, compiled as a frame of its own under torch.compile (this function runs
+        eagerly, so that it can catch what compiling raises): if a block cannot be traced inside
+        `torch.cond` (a deferred decision), decisions break the graph from then on (logged once)
+        and the forward is compiled again."""
+        try:
+            return forward(*args, **kwargs)
+        except torch._dynamo.exc.UncapturedHigherOrderOpError as error:
+            runtime = self.runtime
+            if not runtime.defers:
+                raise
+            runtime.defers = False
+            logger.warning("torch.compile cannot trace %s's cached blocks inside torch.cond (%s); the cache's "
+                           "decisions break the graph instead (the model's forward then runs eagerly, its blocks "
+                           "compiled apart)", runtime.model_name, _compile_error_reason(error))
+            frame.decision, frame.should_compute = None, None
+            frame.skipped_if_cached.clear()
+            return forward(*args, **kwargs)
+
     def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:
         self.runtime.stats.flush()
         self.runtime.states.clear()
         return module
+
+
+def _compile_error_reason(error: Exception) -> str:
+    """The line of a dynamo error that says what could not be traced (its first line says only that)."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    for index, line in enumerate(lines[:-1]):
+        if line.endswith("Got graph break/error:"):
+            return lines[index + 1]
+    return lines[0] if lines else type(error).__name__

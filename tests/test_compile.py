@@ -4,12 +4,14 @@ Dynamo compiles through a backend that counts graphs (`CompileCounter`, which ru
 C++ toolchain needed), and hitting its recompile limit is an error (instead of a silent fall-back to
 eager). After three generations of different step counts (10, 12, 50) with CFG, every function of
 accel's own packages holds at most 2 compiled variants (the computed and the cached path; cond and
-uncond share them), and a fourth generation compiles nothing.
+uncond share them), and a fourth generation compiles nothing. A feature-watching decision (FBCache,
+DBCache, budget) stays in the graph as a tensor that picks each block's path with `torch.cond`, and
+decides exactly as the eager run does.
 """
 
 import pytest
 import torch
-from tiny_pipelines import denoiser, load, run
+from tiny_pipelines import FAMILIES, denoiser, load, run
 from torch._dynamo.testing import CompileCounter
 
 import accel
@@ -65,7 +67,9 @@ def _graphs_per_generation(pipe, kwargs, counter: CompileCounter) -> list[int]:
     ("flux", "fora", {"interval": 1}, 1),                    # computes every step: one graph
     ("flux", "deltadit", {"interval": 2}, 4),                # per block, early / late phase
     ("flux", "toca", {"interval": 3}, 2),                    # token subsets
-    ("flux", "fbcache", {"threshold": 0.3}, 14),             # decides from features mid-forward
+    ("flux", "fbcache", {"threshold": 0.3}, 2),              # decides from features in the graph (torch.cond)
+    ("flux", "dbcache", {"threshold": 0.3}, 2),
+    ("flux", "budget", {"threshold": 0.3}, 3),               # + whether a drift was accumulated yet
     ("flux", "taylorseer", {"interval": 3, "warmup": 0.0}, 12),  # forecasts eagerly at the range exit
     ("sd3", "fora", {"interval": 2}, 2),                     # cond and uncond batched in one call
     ("sd15", "deepcache", {"interval": 2}, 2),               # a UNet's deep branch
@@ -118,3 +122,43 @@ def test_apply_on_a_compiled_transformer_hooks_the_original_module_and_keeps_the
     accel.remove(pipe)
     assert not compiled._orig_mod._diffusers_hook.hooks and "forward" not in vars(compiled._orig_mod)
     assert torch.equal(run(pipe, kwargs, 10), bare)
+
+
+TRANSFORMER_FAMILIES = [name for name, family in FAMILIES.items() if name not in ("sd15", "sdxl")]
+# dynamo cannot trace their blocks inside a torch.cond branch (e.g. Flux2's attention calls inspect.signature)
+TRACED_WITH_GRAPH_BREAKS = {"flux2", "hidream", "mochi"}
+
+
+@pytest.mark.parametrize("family, preset", [(name, "fbcache") for name in TRANSFORMER_FAMILIES]
+                         + [("flux", "dbcache"), ("flux", "budget")])
+def test_a_compiled_feature_watching_cache_decides_and_computes_as_the_eager_one(tmp_path, strict_dynamo, caplog,
+                                                                                  family, preset):
+    pipe, kwargs = load(family, tmp_path)
+    accel.apply(pipe, _stack(preset, {"threshold": 0.3}))
+    eager, eager_summary = run(pipe, kwargs, 12), accel.summary(pipe)
+    counter = CompileCounter()
+    denoiser(pipe).compile(backend=counter)
+    with caplog.at_level("WARNING", logger="caching"):
+        compiled, summary = run(pipe, kwargs, 12), accel.summary(pipe)
+    assert torch.equal(compiled, eager)
+    computed = [(b.branch, b.steps_computed, b.flops_computed) for b in summary.branches]
+    assert computed == [(b.branch, b.steps_computed, b.flops_computed) for b in eager_summary.branches]
+    falls_back = "cached blocks inside torch.cond" in caplog.text
+    assert falls_back == (family in TRACED_WITH_GRAPH_BREAKS)
+    if not falls_back:
+        assert counter.frame_count <= 5  # the model's forward in one graph (plus accel's hooks around it)
+
+
+def test_a_model_whose_blocks_cannot_be_traced_in_torch_cond_falls_back_to_graph_breaks(tmp_path, strict_dynamo,
+                                                                                          caplog):
+    # Flux2's single-stream attention calls inspect.signature, which dynamo cannot trace in a cond branch
+    pipe, kwargs = load("flux2", tmp_path)
+    accel.apply(pipe, _stack("fbcache", {"threshold": 0.3}))
+    eager, eager_summary = run(pipe, kwargs, 12), accel.summary(pipe)
+    denoiser(pipe).compile(backend=CompileCounter())
+    with caplog.at_level("WARNING", logger="caching"):
+        compiled = run(pipe, kwargs, 12)
+    assert "cannot trace Flux2Transformer2DModel's cached blocks inside torch.cond" in caplog.text
+    assert torch.equal(compiled, eager)
+    assert [b.steps_computed for b in accel.summary(pipe).branches] == \
+        [b.steps_computed for b in eager_summary.branches]

@@ -22,7 +22,7 @@ from diffusers.hooks import ModelHook
 
 from ..config import ScopeConfig
 from ..hooks import InstalledHook, install_hook
-from ..layouts import (BlockLayout, ModelLayout, StreamReader, bind_arguments, compose_output, range_segments,
+from ..layouts import (BlockLayout, ModelLayout, StreamReader, compose_output, range_segments,
                        registration_call, split_output, transformer_blocks)
 
 if TYPE_CHECKING:
@@ -93,13 +93,9 @@ class HeadProbeHook(ModelHook):
         if frame is not None and frame.context is not None and frame.should_compute is None:
             self.entry.head_input = self.streams.read(args, kwargs)[0]
             if self.needs_probe:
-                self._probe(frame, module, args, kwargs)
+                frame.scratch["probe"] = self.runtime.run_overhead(frame, self.layout.probe, module,
+                                                                   self.streams.bind(args, kwargs))
         return self.fn_ref.original_forward(*args, **kwargs)
-
-    @torch.compiler.disable
-    def _probe(self, frame: "CallFrame", module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-        frame.scratch["probe"] = self.runtime.run_overhead(frame, self.layout.probe, module,
-                                                           bind_arguments(module, args, kwargs))
 
 
 class BlockRangeHook(ModelHook):
@@ -131,9 +127,14 @@ class BlockRangeHook(ModelHook):
             return original(*args, **kwargs)
         if self.is_entry:
             if self.decision is not None and frame.should_compute is None:
-                self._decide(frame, module, args, kwargs)
+                if self.decision == "head_residual" and self.runtime.can_defer(frame):
+                    self.runtime.defer(frame, self._signal(frame, module, args, kwargs))
+                else:
+                    self._decide(frame, module, args, kwargs)
             if frame.should_compute is not False:
                 self.exit.range_input = self.streams.read(args, kwargs)
+        if frame.decision is not None:
+            return self._deferred_forward(frame, original, args, kwargs)
         if frame.should_compute is not False:
             output = (self.runtime.run_unit(frame, self.unit, original, *args, **kwargs) if frame.measure_flops
                       else original(*args, **kwargs))
@@ -148,15 +149,59 @@ class BlockRangeHook(ModelHook):
         hidden, encoder = self.streams.read(args, kwargs)
         return compose_output(self.layout, hidden, encoder)
 
+    def _signal(self, frame: "CallFrame", module: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
+        """What the trigger decides from: the first block's probe, or the head blocks' residual."""
+        if self.decision == "probe":
+            return (self.runtime.run_overhead(frame, self.layout.probe, module, self.streams.bind(args, kwargs))
+                    if self.probe_here else frame.scratch.get("probe"))
+        head_input, self.head_input = self.head_input, None
+        return self.streams.read(args, kwargs)[0] - head_input
+
     @torch.compiler.disable
     def _decide(self, frame: "CallFrame", module: torch.nn.Module, args: tuple, kwargs: dict) -> None:
-        if self.decision == "probe":
-            probe = (self.runtime.run_overhead(frame, self.layout.probe, module, bind_arguments(module, args, kwargs))
-                     if self.probe_here else frame.scratch.get("probe"))
-            self.runtime.decide(frame, probe)
-        elif self.decision == "head_residual":
-            head_input, self.head_input = self.head_input, None
-            self.runtime.decide(frame, self.streams.read(args, kwargs)[0] - head_input)
+        self.runtime.decide(frame, self._signal(frame, module, args, kwargs))
+
+    def _deferred_forward(self, frame: "CallFrame", original: Any, args: tuple, kwargs: dict) -> Any:
+        """A block of the range while a compiled graph holds the decision (`CacheRuntime.defer`):
+        `torch.cond` runs the block, or passes its inputs through (a copy: the branches of a cond
+        may not alias its inputs), and the exit adds the reused residual; one graph for both paths."""
+        hidden, encoder = self.streams.read(args, kwargs)
+        if not self.is_exit:
+            def compute() -> tuple:
+                return tuple(_dense_copy(t) for t in split_output(self.layout, original(*args, **kwargs)) if t is not None)
+
+            def cached() -> tuple:
+                return tuple(_dense_copy(t) for t in (hidden, encoder) if t is not None)
+
+            values = iter(torch.cond(frame.decision, compute, cached, ()))
+            return compose_output(self.layout, next(values), next(values, None))
+        slot: RangeSlot = frame.state.slots[self.unit]
+        hidden_in, encoder_in = self.range_input
+        self.range_input = None
+        hidden_residual, encoder_residual = slot.forecaster.predict(frame.coordinate)
+        # the text stream, as the eager path treats it: a residual, passed through, or not returned
+        has_residual = encoder_residual is not None and encoder is not None
+        passes_encoder = not has_residual and not slot.encoder_absent and encoder is not None
+
+        def compute_exit() -> tuple:
+            hidden_out, encoder_out = (None if t is None else _dense_copy(t)
+                                       for t in split_output(self.layout, original(*args, **kwargs)))
+            if has_residual:
+                return hidden_out, hidden_out - hidden_in, encoder_out, encoder_out - encoder_in
+            return (hidden_out, hidden_out - hidden_in, encoder_out) if passes_encoder else (hidden_out, hidden_out - hidden_in)
+
+        def cached_exit() -> tuple:
+            reused = (hidden + hidden_residual, _dense_copy(hidden_residual))
+            if has_residual:
+                return *reused, encoder + encoder_residual, _dense_copy(encoder_residual)
+            return (*reused, _dense_copy(encoder)) if passes_encoder else reused
+
+        values = torch.cond(frame.decision, compute_exit, cached_exit, ())
+        frame.skipped_if_cached.extend(self.skipped)
+        if frame.record:
+            slot.forecaster.record(frame.coordinate, (values[1], values[3] if has_residual else None))
+        encoder_out = values[2] if has_residual or passes_encoder else None
+        return compose_output(self.layout, values[0], encoder_out)
 
     def _record(self, frame: "CallFrame", output: Any) -> None:
         hidden_out, encoder_out = split_output(self.layout, output)
@@ -190,6 +235,12 @@ class BlockRangeHook(ModelHook):
 
     _record_untraced = torch.compiler.disable(_record)
     _forecast_untraced = torch.compiler.disable(_forecast)
+
+
+def _dense_copy(tensor: torch.Tensor) -> torch.Tensor:
+    """A contiguous copy: the two branches of a `torch.cond` must return tensors laid out alike
+    (a block's outputs may be views at an offset) and may not alias their inputs."""
+    return tensor.clone(memory_format=torch.contiguous_format)
 
 
 def apply_block_range(runtime: "CacheRuntime", model: torch.nn.Module, layout: ModelLayout,

@@ -68,8 +68,10 @@ class BudgetTrigger(TriggerConfig):
         if self.total is not None:
             spent = drift if state.spent is None else state.spent + drift
             is_within = is_within & (spent <= self.total)
-        # One host sync per model call: whether the middle blocks run is a Python branch.
-        return not bool(is_within)
+        return torch.logical_not(is_within)  # a 0-d tensor: see TriggerConfig.wants_compute
+
+    def observe(self, state: BudgetState, frame: "CallFrame", residual: torch.Tensor) -> None:
+        state.pending = (residual, None)
 
     def commit(self, state: BudgetState, frame: "CallFrame", computed: bool) -> None:
         if state.pending is None:

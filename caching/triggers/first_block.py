@@ -57,8 +57,10 @@ class ResidualTrigger(TriggerConfig):
         if reference is None or reference.shape != residual.shape:
             return True
         is_below_threshold = relative_l1(residual, reference, frame.group) < self.threshold
-        # One host sync per model call: whether the middle blocks run is a Python branch.
-        return not bool(is_below_threshold)
+        return torch.logical_not(is_below_threshold)  # a 0-d tensor: see TriggerConfig.wants_compute
+
+    def observe(self, state: ResidualState, frame: "CallFrame", residual: torch.Tensor) -> None:
+        state.pending = residual
 
     def commit(self, state: ResidualState, frame: "CallFrame", computed: bool) -> None:
         if computed and state.pending is not None:

@@ -87,8 +87,10 @@ class TeaCacheTrigger(TriggerConfig):
             accumulated = accumulated + state.accumulated
         state.pending_accumulated = accumulated
         is_below_threshold = accumulated < self.threshold
-        # One host sync per model call: whether the blocks run is a Python branch.
-        return not bool(is_below_threshold)
+        return torch.logical_not(is_below_threshold)  # a 0-d tensor: see TriggerConfig.wants_compute
+
+    def observe(self, state: TeaCacheState, frame: "CallFrame", probe: torch.Tensor) -> None:
+        state.pending_previous, state.pending_accumulated = probe, None
 
     def commit(self, state: TeaCacheState, frame: "CallFrame", computed: bool) -> None:
         if state.pending_previous is not None:
