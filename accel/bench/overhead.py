@@ -21,8 +21,8 @@ compiled code is reused). Times are lower quartiles (`QUANTILE`), per step over 
 step of every timed generation (callback to callback: transformer, hooks, scheduler, loop) and per
 generation: a shared VM's CPU runs in slow bursts of a few hundred ms (steps 50% slower), which
 move medians by more than the hooks cost, and the lower quartile is the undisturbed cost (two
-copies of the bare pipeline agree to 1%). Compiled variants run one after the other, each compiled
-alone (see `_compiled_times`). Outputs under `out_dir`: overhead.json, overhead.md.
+copies of the bare pipeline agree to 1%). Compiled variants are interleaved alike (see
+`_compiled_times`). Outputs under `out_dir`: overhead.json, overhead.md.
 
 GPU (FLUX width, bf16): `python -m accel.bench.overhead --device cuda --model flux-width
 --dtype bfloat16 --height 1024 --width 1024 --steps 28 --cache-dit --out runs/bench-overhead-gpu`.
@@ -72,7 +72,6 @@ class Settings:
         modes: "eager" and/or "compiled".
         threads: torch CPU threads (None leaves torch's setting).
         backend: the torch.compile backend of compiled runs ("inductor"; "eager" traces only).
-        passes: compiled runs go through the variants once, or twice (there and back).
     """
 
     spec: PipelineSpec = PipelineSpec()
@@ -82,7 +81,6 @@ class Settings:
     modes: tuple[str, ...] = MODES
     threads: int | None = 1
     backend: str = "inductor"
-    passes: int = 1
 
     def __post_init__(self) -> None:
         unknown = [v for v in self.variants if v != "bare" and v not in CACHES and not v.startswith("cache-dit")]
@@ -173,49 +171,50 @@ def _flops(pipe: Any, kwargs: dict, steps: int, device: str) -> float:
     return float(counter.get_total_flops())
 
 
-def _timed_rounds(pipes: dict[str, Any], kwargs: dict, settings: Settings) -> dict[str, Timing]:
+def _timed_rounds(pipes: dict[str, Any], kwargs: dict, settings: Settings,
+                  graphs: dict[str, list[int]] | None = None) -> dict[str, Timing]:
     """`repeats` rounds over every variant; each round starts one variant later and every other round
     runs backwards, so no variant keeps a position (on a 2-core CPU the first run of a round is
-    measurably slower or faster than the rest, by more than the hooks cost)."""
+    measurably slower or faster than the rest, by more than the hooks cost). With `graphs`, the
+    graphs dynamo compiles during each variant's generations are added to its second entry."""
+    from torch._dynamo.utils import counters
+
     names = list(pipes)
     times = {name: Timing() for name in names}
     for round_index in range(settings.repeats):
         order = [names[(round_index + offset) % len(names)] for offset in range(len(names))]
         for name in (reversed(order) if round_index % 2 else order):
+            before = counters["stats"]["unique_graphs"]
             _generate(pipes[name], kwargs, settings.steps, settings.spec.device, times[name])
+            if graphs is not None:
+                graphs[name][1] += counters["stats"]["unique_graphs"] - before
     return times
 
 
 def _compiled_times(pipes: dict[str, Any], kwargs: dict, settings: Settings) -> tuple[dict, dict]:
-    """Each variant compiled alone (dynamo reset before it), warmed up and timed `repeats` times in a
-    row; with `passes` = 2 the variants run again in reverse order (ABBA), against load drift.
-
-    Compiled variants are not interleaved: dynamo keeps one cache per function for all modules, and
-    pipelines compiled with different backends evict each other's entries (a recompile per switch).
+    """Every variant compiled with the same backend (`pipe.transformer.compile()` after apply) and
+    warmed up in turn, counting the graphs dynamo compiled for it, then timed in interleaved rounds
+    as the eager variants are. Their compiled code coexists (one cache entry per variant and path
+    of each shared function, so dynamo's recompile limit is raised here: a user's process holds one).
 
     Returns:
         (Timing per variant, (graphs compiled during warm-up, graphs compiled while timed) per
         variant).
     """
-    from torch._dynamo.testing import CompileCounterWithBackend
+    from torch._dynamo.utils import counters
 
-    names = list(pipes)
-    order = names + names[::-1] if settings.passes == 2 else names
-    times = {name: Timing() for name in names}
-    graphs: dict[str, tuple[int, int]] = {}
-    for name in order:
-        pipe = pipes[name]
-        torch._dynamo.reset()
-        counter = CompileCounterWithBackend(settings.backend)
-        pipe.transformer.compile(backend=counter)
-        for _ in range(2):
-            _generate(pipe, kwargs, settings.steps, settings.spec.device)
-        warm = counter.frame_count
-        for _ in range(settings.repeats):
-            _generate(pipe, kwargs, settings.steps, settings.spec.device, times[name])
-        graphs[name] = (warm, counter.frame_count - warm + graphs.get(name, (0, 0))[1])
     torch._dynamo.reset()
-    return times, graphs
+    graphs: dict[str, list[int]] = {}
+    with torch._dynamo.config.patch(recompile_limit=64, accumulated_recompile_limit=4096):
+        for name, pipe in pipes.items():
+            before = counters["stats"]["unique_graphs"]
+            pipe.transformer.compile(backend=settings.backend)
+            for _ in range(2):
+                _generate(pipe, kwargs, settings.steps, settings.spec.device)
+            graphs[name] = [counters["stats"]["unique_graphs"] - before, 0]
+        times = _timed_rounds(pipes, kwargs, settings, graphs)
+    torch._dynamo.reset()
+    return times, {name: (warm, steady) for name, (warm, steady) in graphs.items()}
 
 
 def _records(mode: str, times: dict[str, Timing], flops: dict[str, float], graphs: dict[str, tuple[int, int]],
@@ -260,7 +259,7 @@ def measure(settings: Settings, log: Callable[[str], None] = print) -> list[dict
         log(f"timing {len(pipes)} variants, eager, {settings.repeats} interleaved rounds")
         timed.append(("eager", _timed_rounds(pipes, kwargs, settings), {}))
     if "compiled" in settings.modes:
-        log(f"timing {len(pipes)} variants, compiled ({settings.backend}), one after the other")
+        log(f"timing {len(pipes)} variants, compiled ({settings.backend}), {settings.repeats} interleaved rounds")
         times, graphs = _compiled_times(pipes, kwargs, settings)
         timed.append(("compiled", times, graphs))
     # FLOPs last, on fresh eager copies: once FlopCounterMode has run, every module call of the
@@ -344,8 +343,8 @@ def run(quick: bool, json_path: Path | None, out_dir: Path) -> list[dict]:
     if quick:
         return run_settings([Settings(steps=20, repeats=20), Settings(steps=20, repeats=5, **small)], json_path,
                             out_dir)
-    return run_settings([Settings(steps=50, repeats=32, variants=FULL_VARIANTS, passes=2),
-                         Settings(steps=50, repeats=10, passes=2, **small)], json_path, out_dir)
+    return run_settings([Settings(steps=50, repeats=32, variants=FULL_VARIANTS), Settings(steps=50, repeats=10, **small)],
+                        json_path, out_dir)
 
 
 def main(argv: list[str] | None = None) -> int:
