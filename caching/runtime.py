@@ -13,7 +13,9 @@ The per-call path is kept cheap and compile-friendly: the frame is a slotted obj
 memory statistic is measured lazily (`CacheStats.flush`), and the bookkeeping that reads the step
 context, plans, decides and commits runs under `torch.compiler.disable`, so a compiled model
 traces only its blocks and the hooks' plain branches on the frame's decision (one compiled
-variant per computed / cached path, none per step).
+variant per computed / cached path, none per step). A decision from features taken while tracing
+stays a tensor (`defer`): the block-range hooks pick their path with `torch.cond`, so no graph
+break falls inside the model's block loop, and `close_call` reads it once.
 """
 
 from __future__ import annotations
