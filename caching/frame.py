@@ -75,8 +75,8 @@ class CallFrame:
     """
 
     __slots__ = ("context", "state", "schedule", "signature", "coordinate", "group", "must_compute",
-                 "should_compute", "decision", "skipped_if_cached", "record", "measure_flops", "kind_compute", "scratch", "skipped", "tokens",
-                 "unit_flops", "overhead_flops", "total_flops")
+                 "should_compute", "decision", "skipped_if_cached", "record", "measure_flops", "kind_compute",
+                 "scratch", "skipped", "tokens", "unit_flops", "overhead_flops", "total_flops")
 
     def __init__(self, context: StepContext | None = None, state: BranchState | None = None,
                  schedule: RunSchedule | None = None, signature: tuple = (), coordinate: float = 0.0,

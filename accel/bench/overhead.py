@@ -343,8 +343,8 @@ def run(quick: bool, json_path: Path | None, out_dir: Path) -> list[dict]:
     if quick:
         return run_settings([Settings(steps=20, repeats=20), Settings(steps=20, repeats=5, **small)], json_path,
                             out_dir)
-    return run_settings([Settings(steps=50, repeats=32, variants=FULL_VARIANTS), Settings(steps=50, repeats=10, **small)],
-                        json_path, out_dir)
+    full = [Settings(steps=50, repeats=32, variants=FULL_VARIANTS), Settings(steps=50, repeats=10, **small)]
+    return run_settings(full, json_path, out_dir)
 
 
 def main(argv: list[str] | None = None) -> int:

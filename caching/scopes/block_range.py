@@ -168,7 +168,8 @@ class BlockRangeHook(ModelHook):
         hidden, encoder = self.streams.read(args, kwargs)
         if not self.is_exit:
             def compute() -> tuple:
-                return tuple(_dense_copy(t) for t in split_output(self.layout, original(*args, **kwargs)) if t is not None)
+                outputs = split_output(self.layout, original(*args, **kwargs))
+                return tuple(_dense_copy(t) for t in outputs if t is not None)
 
             def cached() -> tuple:
                 return tuple(_dense_copy(t) for t in (hidden, encoder) if t is not None)
@@ -188,7 +189,8 @@ class BlockRangeHook(ModelHook):
                                        for t in split_output(self.layout, original(*args, **kwargs)))
             if has_residual:
                 return hidden_out, hidden_out - hidden_in, encoder_out, encoder_out - encoder_in
-            return (hidden_out, hidden_out - hidden_in, encoder_out) if passes_encoder else (hidden_out, hidden_out - hidden_in)
+            computed = (hidden_out, hidden_out - hidden_in)
+            return (*computed, encoder_out) if passes_encoder else computed
 
         def cached_exit() -> tuple:
             reused = (hidden + hidden_residual, _dense_copy(hidden_residual))
