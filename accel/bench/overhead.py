@@ -87,9 +87,12 @@ class Settings:
         if unknown or "bare" not in self.variants:
             raise ValueError(f"overhead bench: variants {unknown or self.variants} invalid; include 'bare' and "
                              f"choose from {', '.join(('bare', *CACHES, *CACHE_DIT_VARIANTS))}")
-        if any(mode not in MODES for mode in self.modes) or self.steps < 4 or self.repeats < 1:
-            raise ValueError(f"overhead bench: modes {self.modes} (use {MODES}), steps {self.steps} (>= 4) and "
-                             f"repeats {self.repeats} (>= 1)")
+        problems = ([f"modes {','.join(self.modes)} (use eager, compiled or eager,compiled)"]
+                    if not self.modes or any(mode not in MODES for mode in self.modes) else [])
+        problems += [f"steps {self.steps} (use >= 4)"] if self.steps < 4 else []
+        problems += [f"repeats {self.repeats} (use >= 1)"] if self.repeats < 1 else []
+        if problems:
+            raise ValueError(f"overhead bench: invalid {'; '.join(problems)}")
 
 
 def stack_of(variant: str, steps: int):
@@ -301,6 +304,23 @@ def _cache_dit_note(settings: Settings) -> tuple[Settings, str | None]:
     return dataclasses.replace(settings, variants=kept), "cache-dit is not installed (pip install cache-dit); skipped"
 
 
+LEGEND = ("overhead: time per step over bare (lower is better; none for variants that skip work); wall ratio: "
+          "bare's time per generation / the variant's (above 1 is a speedup); wall/FLOP (`efficiency` in the "
+          "JSON): wall ratio / FLOP ratio (1 means wall-clock follows the FLOPs saved); graphs: graphs dynamo "
+          "compiled for the variant while warming up; steady: graphs it compiled while timed (0: compiled "
+          "code reused).")
+FEW_SAMPLES = 200  # per-step samples per variant below which the bench says its overheads are noise
+
+
+def _sample_note(settings: Settings) -> str | None:
+    samples = settings.repeats * (settings.steps - 1)
+    if settings.spec.device != "cpu" or samples >= FEW_SAMPLES:
+        return None
+    return (f"{samples} step times per variant (repeats x (steps - 1)): on a shared CPU, overheads of a few "
+            f"percent either way are noise at this size; use --repeats {-(-FEW_SAMPLES // (settings.steps - 1))} "
+            "or more")
+
+
 def _title(settings: Settings) -> str:
     spec = settings.spec
     return (f"{spec.model} FluxPipeline, {spec.height}x{spec.width}, {settings.steps} Euler steps, {spec.device} "
@@ -315,7 +335,7 @@ def write(runs: list[tuple[Settings, list[dict]]], out_dir: Path, json_path: Pat
     io.write_json(out_dir / "overhead.json", payload, indent=2)
     if json_path is not None:
         io.write_json(json_path, payload, indent=2)
-    sections = [f"## {_title(settings)}\n\n{table(records, markdown=True)}\n" for settings, records in runs]
+    sections = [f"## {_title(settings)}\n\n{table(records, markdown=True)}\n\n{LEGEND}\n" for settings, records in runs]
     io.write_text(out_dir / "overhead.md", "# accel bench overhead\n\n" + "\n".join(sections)
                   + "".join(f"\n{note}\n" for note in notes))
 
@@ -325,7 +345,8 @@ def run_settings(suites: "Settings | list[Settings]", json_path: Path | None, ou
     runs, notes = [], []
     for settings in ([suites] if isinstance(suites, Settings) else suites):
         settings, note = _cache_dit_note(settings)
-        notes += [note] if note and note not in notes else []
+        for line in (note, _sample_note(settings)):
+            notes += [line] if line and line not in notes else []
         records = measure(settings)
         print(f"{_title(settings)}\n{table(records)}\n")
         runs.append((settings, records))
@@ -349,20 +370,23 @@ def run(quick: bool, json_path: Path | None, out_dir: Path) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> int:
     """`python -m accel.bench.overhead`: the same bench with the model, device and size as flags."""
-    parser = argparse.ArgumentParser(prog="python -m accel.bench.overhead", description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="tiny", choices=MODELS)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--height", type=int, default=256)
-    parser.add_argument("--width", type=int, default=256)
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: 1 on the CPU)")
-    parser.add_argument("--modes", default="eager,compiled")
-    parser.add_argument("--variants", default=None, help="comma-separated (default: all; bare is always run)")
+    parser = argparse.ArgumentParser(prog="python -m accel.bench.overhead", description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--model", default="tiny", choices=MODELS, help="the FluxPipeline to build")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16")
+    parser.add_argument("--height", type=int, default=256, help="pixels, a multiple of 16")
+    parser.add_argument("--width", type=int, default=256, help="pixels, a multiple of 16")
+    parser.add_argument("--steps", type=int, default=20, help="Euler steps per generation (>= 4)")
+    parser.add_argument("--repeats", type=int, default=10, help="timed rounds over the variants (>= 1)")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (None: 1 on the CPU)")
+    parser.add_argument("--modes", default="eager,compiled", help="comma-separated: eager, compiled")
+    parser.add_argument("--variants", default=None,
+                        help=f"comma-separated, from {', '.join((*CACHES, *CACHE_DIT_VARIANTS))} (None: all but "
+                             "the cache-dit ones; bare is always run)")
     parser.add_argument("--cache-dit", action="store_true", help="add fbcache-0.08 and cache-dit's DBCache F1B0")
-    parser.add_argument("--json", default=None)
-    parser.add_argument("--out", default="runs/bench-overhead")
+    parser.add_argument("--json", default=None, help="also write the records to this file")
+    parser.add_argument("--out", default="runs/bench-overhead", help="folder for overhead.json and overhead.md")
     args = parser.parse_args(argv)
     variants = FULL_VARIANTS + (CACHE_DIT_VARIANTS if args.cache_dit else ())
     if args.variants:

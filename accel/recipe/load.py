@@ -7,6 +7,7 @@ recipe may contain at all (data only, finite numbers, safe paths) is checked by
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +38,11 @@ def find_recipe(name_or_path: str | None) -> Path:
     shipped = RECIPES_DIR / (name_or_path if name_or_path.endswith(".yaml") else name_or_path + ".yaml")
     if shipped.is_file():
         return shipped
-    available = ", ".join(sorted(p.stem for p in RECIPES_DIR.glob("*.yaml")))
-    raise RecipeError(f"recipe file not found: {name_or_path} (shipped recipes: {available})")
+    names = sorted(p.relative_to(RECIPES_DIR).with_suffix("").as_posix() for p in RECIPES_DIR.rglob("*.yaml")
+                   if p.parent == RECIPES_DIR or p.parent.name == "templates")
+    close = difflib.get_close_matches(name_or_path.removesuffix(".yaml"), names, n=2, cutoff=0.8)
+    hint = f"did you mean {', '.join(close)}? " if close else ""
+    raise RecipeError(f"recipe file not found: {name_or_path} ({hint}shipped recipes: {', '.join(names)})")
 
 
 def _group_options(group: str) -> str:
