@@ -85,7 +85,7 @@ class CallFrame:
         self.signature, self.coordinate, self.group = signature, coordinate, group
         self.must_compute, self.should_compute = True, True
         self.decision: torch.Tensor | None = None
-        self.skipped_if_cached: list[tuple[str, float]] = []
+        self.skipped_if_cached: tuple[tuple[str, float], ...] = ()
         self.record = self.measure_flops = False
         self.kind_compute: dict[str, bool] = {}
         self.scratch: dict[str, Any] = {}

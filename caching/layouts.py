@@ -209,10 +209,11 @@ def transformer_blocks(model: nn.Module, layout: ModelLayout) -> list[BlockRef]:
 submodule = discovery.submodule
 
 
-def bind_arguments(module: nn.Module, args: tuple, kwargs: Mapping[str, Any]) -> dict[str, Any]:
-    """Maps positional and keyword arguments of `module.forward` to their parameter names."""
-    names = discovery.forward_parameters(type(module))
-    bound = dict(zip(names, args))
+def bind_arguments(module: nn.Module, args: tuple, kwargs: Mapping[str, Any],
+                   names: tuple[str, ...] | None = None) -> dict[str, Any]:
+    """Maps positional and keyword arguments of `module.forward` to their parameter names (`names`
+    when the caller looked them up already: torch.compile then traces this as a plain dict)."""
+    bound = dict(zip(discovery.forward_parameters(type(module)) if names is None else names, args))
     bound.update(kwargs)
     return bound
 
@@ -262,13 +263,6 @@ class StreamReader:
         encoder = (args[self.encoder_position] if self.encoder_position < len(args)
                    else kwargs.get(self.encoder_arg))
         return hidden, encoder
-
-
-    def bind(self, args: tuple, kwargs: Mapping[str, Any]) -> dict[str, Any]:
-        """`bind_arguments` with the names read at install time (torch.compile traces it as a dict)."""
-        bound = dict(zip(self.parameter_names, args))
-        bound.update(kwargs)
-        return bound
 
 
 def split_output(layout: BlockLayout, output: Any):

@@ -369,7 +369,7 @@ class CacheModelHook(ModelHook):
                            "decisions break the graph instead (the model's forward then runs eagerly, its blocks "
                            "compiled apart)", runtime.model_name, _compile_error_reason(error))
             frame.decision, frame.should_compute = None, None
-            frame.skipped_if_cached.clear()
+            frame.skipped_if_cached = ()
             return forward(*args, **kwargs)
 
     def reset_state(self, module: torch.nn.Module) -> torch.nn.Module:

@@ -43,6 +43,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from accel import io
+from accel.lab.report import format_table, markdown_table
 from accel.bench._overhead_pipelines import MODELS, PipelineSpec, build_pipeline, copy_pipeline
 
 QUICK_VARIANTS = ("bare", "none", "fora-1", "fbcache-0", "reuse-3")
@@ -283,17 +284,6 @@ COLUMNS = (("mode", "mode", "{}"), ("variant", "variant", "{}"), ("step_ms", "ms
            ("efficiency", "wall/FLOP", "{:.2f}"), ("graphs", "graphs", "{}"), ("steady_graphs", "steady", "{}"))
 
 
-def table(records: list[dict], markdown: bool = False) -> str:
-    """The records as a text (or Markdown) table."""
-    rows = [[title for _, title, _ in COLUMNS]]
-    rows += [["-" if r.get(key) is None else fmt.format(r[key]) for key, _, fmt in COLUMNS] for r in records]
-    if markdown:
-        lines = ["| " + " | ".join(row) + " |" for row in rows]
-        return "\n".join([lines[0], "|" + "---|" * len(COLUMNS), *lines[1:]])
-    widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
-    return "\n".join("  ".join(cell.rjust(w) for cell, w in zip(row, widths)) for row in rows)
-
-
 def _cache_dit_note(settings: Settings) -> tuple[Settings, str | None]:
     import importlib.util
 
@@ -335,7 +325,8 @@ def write(runs: list[tuple[Settings, list[dict]]], out_dir: Path, json_path: Pat
     io.write_json(out_dir / "overhead.json", payload, indent=2)
     if json_path is not None:
         io.write_json(json_path, payload, indent=2)
-    sections = [f"## {_title(settings)}\n\n{table(records, markdown=True)}\n\n{LEGEND}\n" for settings, records in runs]
+    sections = [f"## {_title(settings)}\n\n{markdown_table(records, COLUMNS)}\n\n{LEGEND}\n"
+                for settings, records in runs]
     io.write_text(out_dir / "overhead.md", "# accel bench overhead\n\n" + "\n".join(sections)
                   + "".join(f"\n{note}\n" for note in notes))
 
@@ -348,7 +339,7 @@ def run_settings(suites: "Settings | list[Settings]", json_path: Path | None, ou
         for line in (note, _sample_note(settings)):
             notes += [line] if line and line not in notes else []
         records = measure(settings)
-        print(f"{_title(settings)}\n{table(records)}\n")
+        print(f"{_title(settings)}\n{format_table(records, COLUMNS)}\n")
         runs.append((settings, records))
     for line in notes:
         print(line)

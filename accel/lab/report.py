@@ -33,9 +33,12 @@ FAMILY_COLOURS = {"sampler": "tab:gray", "cache": "tab:blue", "adapter": "tab:gr
                   "anchor": "tab:orange"}
 
 
-def _columns(records: Sequence[dict]) -> list[tuple[str, str, str]]:
+Columns = Sequence[tuple[str, str, str]]  # (record key, title, format)
+
+
+def _columns(records: Sequence[dict], columns: Columns) -> list[tuple[str, str, str]]:
     """The columns at least one record has (label always)."""
-    return [c for c in COLUMNS if c[0] == "label" or any(r.get(c[0]) is not None for r in records)]
+    return [c for c in columns if c[0] == "label" or any(r.get(c[0]) is not None for r in records)]
 
 
 def _cells(record: dict, columns: list[tuple[str, str, str]]) -> list[str]:
@@ -46,9 +49,9 @@ def _cells(record: dict, columns: list[tuple[str, str, str]]) -> list[str]:
     return cells
 
 
-def format_table(records: Sequence[dict]) -> str:
-    """A fixed-width text table of the records (one row each)."""
-    columns = _columns(records)
+def format_table(records: Sequence[dict], columns: Columns = COLUMNS) -> str:
+    """A fixed-width text table of the records (one row each); `columns` for a bench's own."""
+    columns = _columns(records, columns)
     rows = [[title for _, title, _ in columns]] + [_cells(r, columns) for r in records]
     widths = [max(len(row[i]) for row in rows) for i in range(len(columns))]
     lines = ["  ".join(cell.rjust(width) for cell, width in zip(row, widths)) for row in rows]
@@ -56,9 +59,9 @@ def format_table(records: Sequence[dict]) -> str:
     return "\n".join(lines)
 
 
-def markdown_table(records: Sequence[dict]) -> str:
+def markdown_table(records: Sequence[dict], columns: Columns = COLUMNS) -> str:
     """The same table in Markdown."""
-    columns = _columns(records)
+    columns = _columns(records, columns)
     lines = ["| " + " | ".join(title for _, title, _ in columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(_cells(r, columns)) + " |" for r in records]
     return "\n".join(lines)

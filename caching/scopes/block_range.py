@@ -22,8 +22,8 @@ from diffusers.hooks import ModelHook
 
 from ..config import ScopeConfig
 from ..hooks import InstalledHook, install_hook
-from ..layouts import (BlockLayout, ModelLayout, StreamReader, compose_output, range_segments,
-                       registration_call, split_output, transformer_blocks)
+from ..layouts import (BlockLayout, ModelLayout, StreamReader, bind_arguments, compose_output,
+                       range_segments, registration_call, split_output, transformer_blocks)
 
 if TYPE_CHECKING:
     from ..runtime import CacheRuntime, CallFrame
@@ -93,8 +93,8 @@ class HeadProbeHook(ModelHook):
         if frame is not None and frame.context is not None and frame.should_compute is None:
             self.entry.head_input = self.streams.read(args, kwargs)[0]
             if self.needs_probe:
-                frame.scratch["probe"] = self.runtime.run_overhead(frame, self.layout.probe, module,
-                                                                   self.streams.bind(args, kwargs))
+                bound = bind_arguments(module, args, kwargs, self.streams.parameter_names)
+                frame.scratch["probe"] = self.runtime.run_overhead(frame, self.layout.probe, module, bound)
         return self.fn_ref.original_forward(*args, **kwargs)
 
 
@@ -152,8 +152,10 @@ class BlockRangeHook(ModelHook):
     def _signal(self, frame: "CallFrame", module: torch.nn.Module, args: tuple, kwargs: dict) -> Any:
         """What the trigger decides from: the first block's probe, or the head blocks' residual."""
         if self.decision == "probe":
-            return (self.runtime.run_overhead(frame, self.layout.probe, module, self.streams.bind(args, kwargs))
-                    if self.probe_here else frame.scratch.get("probe"))
+            if not self.probe_here:
+                return frame.scratch.get("probe")
+            bound = bind_arguments(module, args, kwargs, self.streams.parameter_names)
+            return self.runtime.run_overhead(frame, self.layout.probe, module, bound)
         head_input, self.head_input = self.head_input, None
         return self.streams.read(args, kwargs)[0] - head_input
 
@@ -199,7 +201,7 @@ class BlockRangeHook(ModelHook):
             return (*reused, _dense_copy(encoder)) if passes_encoder else reused
 
         values = torch.cond(frame.decision, compute_exit, cached_exit, ())
-        frame.skipped_if_cached.extend(self.skipped)
+        frame.skipped_if_cached += self.skipped
         if frame.record:
             slot.forecaster.record(frame.coordinate, (values[1], values[3] if has_residual else None))
         encoder_out = values[2] if has_residual or passes_encoder else None
